@@ -1,0 +1,65 @@
+"""Free adversarial training (PAPER.md): the perturbation of one batch across its K replays.
+
+Per batch, t and eps are drawn once and delta starts at zero. Each replay feeds the network
+x_t + delta with the matching target; the one backward pass of the replay gives both the
+parameter gradients and dLoss/d(x_t + delta), from which ``update`` takes the normalized L2
+ascent step and projects onto ||delta|| <= sqrt(d) * max_norm, writing the next input and
+target in the same pass (``adv_dpm.adv_step_inject``). No extra forward or backward pass.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .ops import adv_step_inject
+from .ops.checks import TARGETS
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    steps: int = 3                  # K: replays (optimizer updates) per batch
+    lr: float = 0.1                 # adv_lr: L2 length of each ascent step
+    max_norm: float = 0.1           # adv_max_norm: radius per element, rho = sqrt(d) * max_norm
+    target: str = "delta_detach"    # 'delta_detach' | 'delta' | 'original'
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"adversarial steps must be an integer >= 1, got {self.steps!r}")
+        for name in ("lr", "max_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"adversarial {name} must be a finite number >= 0, got {value!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"adversarial target must be one of {TARGETS}, got {self.target!r}")
+
+
+class Perturbation:
+    """delta of one batch, and the network input and target of the current replay.
+
+    ``x_t`` is the clean noisy batch, ``eps`` its noise, ``c_noise`` the per-sample sqrt(1 - abar_t).
+    """
+
+    def __init__(self, x_t, eps, c_noise, config: AdversarialConfig):
+        self.x_t, self.eps, self.c_noise, self.config = x_t, eps, c_noise, config
+        self.delta = torch.zeros_like(x_t)
+        self.x_in, self.target = x_t, eps
+        self.radius = math.sqrt(x_t[0].numel()) * config.max_norm
+        self.skipped = 0    # samples whose gradient was not finite (their delta was kept)
+
+    def inputs(self):
+        """(x_in, target) as fresh leaves: x_in requires grad, and so does target under 'delta'."""
+        x_in = self.x_in.detach().requires_grad_()
+        target = self.target.detach().requires_grad_(self.config.target == "delta")
+        return x_in, target
+
+    @torch.no_grad()
+    def update(self, x_in, target, grad_scale=1.0):
+        """The ascent step from the gradients the replay's backward left on ``inputs()``."""
+        if x_in.grad is None:
+            raise RuntimeError("Perturbation.update: x_in has no gradient; call backward() on the replay's loss first")
+        grad_target = target.grad if self.config.target == "delta" else None
+        step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, x_in.grad, self.config.lr, self.radius,
+                               self.config.target, grad_target, grad_scale)
+        self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
+        self.skipped += int(step.skipped.sum())
+        return step

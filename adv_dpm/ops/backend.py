@@ -1,0 +1,137 @@
+"""Which implementation of a fused op runs, and why.
+
+On a CUDA tensor the order is CUDA C++ > Triton > reference; on a CPU tensor C++ > reference.
+Triton also runs on CPU tensors under its interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported), which is how CI exercises the Triton kernels. A backend can be forced
+with ``ADV_DPM_BACKEND=reference|cpu|triton|cuda`` or ``with use_backend(name):``; forcing one
+that cannot run the call raises instead of silently falling back.
+"""
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL_RANK = 4
+PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_forced = contextvars.ContextVar("adv_dpm_backend", default=None)
+
+
+def _checked(name):
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force every fused op inside the block to run on backend ``name`` (None: automatic)."""
+    token = _forced.set(_checked(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend():
+    return _forced.get() or _checked(os.environ.get("ADV_DPM_BACKEND") or None)
+
+
+@functools.cache
+def extension_error():
+    """None when adv_dpm._C loaded, else why not."""
+    if os.environ.get("ADV_DPM_DISABLE_EXT") == "1":
+        return "disabled by ADV_DPM_DISABLE_EXT=1"
+    try:
+        importlib.import_module("adv_dpm._C")
+    except ImportError as e:
+        return f"the C++ extension adv_dpm._C is not built ({e})"
+    return None
+
+
+@functools.cache
+def triton_error():
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def has_compiled_kernel(op, dispatch_key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"adv_dpm_C::{op}", dispatch_key)
+
+
+def unavailable(backend, device_type, op="noise_inject"):
+    """Why ``backend`` cannot run ``op`` on ``device_type`` tensors, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if device_type != backend:
+            return f"the {backend} kernels take {backend} tensors, got {device_type} tensors"
+        if extension_error():
+            return extension_error()
+        if not has_compiled_kernel(op, backend.upper()):
+            return f"adv_dpm._C has no {backend} kernel for {op} (for CUDA: a CPU build of torch or ADV_DPM_BUILD_CUDA=0)"
+        return None
+    if triton_error():
+        return triton_error()
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before start)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels take cuda tensors, got {device_type} tensors"
+    return None
+
+
+def unsupported(backend, dtype, ndim):
+    """Why ``backend`` does not handle this dtype / rank, or None."""
+    if backend == "reference":
+        return None
+    kernel_dtypes = KERNEL_DTYPES + ((torch.float64,) if backend == "cpu" else ())
+    if dtype not in kernel_dtypes:
+        return f"the {backend} kernels take {[str(d) for d in kernel_dtypes]}, got {dtype}"
+    if ndim > MAX_KERNEL_RANK:
+        return f"the {backend} kernels take tensors of rank <= {MAX_KERNEL_RANK}, got rank {ndim}"
+    return None
+
+
+def select(t, op="noise_inject", layout_problem=None):
+    """The backend that runs private op ``op`` whose main tensor is ``t``; ``layout_problem``
+    says why the kernels cannot take this call's strides (None when they can)."""
+    def why_not(backend):
+        return unavailable(backend, t.device.type, op) or unsupported(backend, t.dtype, t.dim()) or (
+            layout_problem if backend != "reference" else None)
+
+    forced = forced_backend()
+    if forced:
+        if why_not(forced):
+            raise RuntimeError(f"adv_dpm backend {forced!r} was forced but cannot run this call: {why_not(forced)}")
+        return forced
+    return next((b for b in PREFERENCE.get(t.device.type, ()) if not why_not(b)), "reference")
+
+
+def implementation(backend, family, op):
+    """The function ``op`` (from the op family module ``family``) of ``backend``."""
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend == "triton":
+        return getattr(importlib.import_module(f"adv_dpm.kernels.{family}"), op)
+    return getattr(torch.ops.adv_dpm_C, op)
+
+
+def run(family, op, main, *args, layout_problem=None):
+    """Run private op ``op`` of ``family`` on the backend chosen for tensor ``main``."""
+    return implementation(select(main, op, layout_problem), family, op)(*args)
+
+
+def report():
+    """{device type: {backend: None if usable else the reason}} for `adv-dpm info`."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {dev: {b: unavailable(b, dev) for b in BACKENDS} for dev in devices}

@@ -1,0 +1,60 @@
+"""Argument checks shared by the fused ops: each error names the argument and what was expected."""
+import math
+
+import torch
+
+TARGETS = ("original", "delta_detach", "delta")
+
+
+def target_mode(op, target):
+    if target not in TARGETS:
+        raise ValueError(f"{op}: target must be one of {TARGETS}, got {target!r}")
+    return TARGETS.index(target)
+
+
+def batch_tensor(op, name, t):
+    """A floating tensor with a non-empty batch dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() < 1 or t.shape[0] < 1:
+        raise ValueError(f"{op}: {name} must have shape (B, ...) with B >= 1, got {tuple(t.shape)}")
+
+
+def like(op, name, t, ref_name, ref):
+    """``t`` (if given) has the shape, dtype and device of ``ref``."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def coefficients(op, name, c, ref):
+    """A floating (B,) vector on the device of ``ref``."""
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor of shape ({ref.shape[0]},), got {type(c).__name__}")
+    if c.shape != (ref.shape[0],):
+        raise ValueError(f"{op}: {name} must have shape (B,) = ({ref.shape[0]},), one value per sample, "
+                         f"got {tuple(c.shape)}")
+    if not c.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {c.dtype}")
+    if c.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the device of the inputs ({ref.device}), got {c.device}")
+
+
+def non_negative(op, name, value, allow_inf=False):
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+        expected = "a number >= 0" + (" (inf allowed)" if allow_inf else " and finite")
+        raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
+
+
+def positive(op, name, value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,85 @@
+"""Fused noise injection: x_t = c_signal * x0 + c_noise * eps (+ delta) and the regression target.
+
+One pass writes both the (perturbed) noisy input and the target that matches it
+(PAPER.md: x_t + delta = a_t x0 + s_t (eps + delta / s_t)); the backward is one pass too.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend, checks
+
+OP = "noise_inject"
+
+
+def _check(x0, eps, c_signal, c_noise, delta, target):
+    checks.batch_tensor(OP, "x0", x0)
+    checks.like(OP, "eps", eps, "x0", x0)
+    checks.like(OP, "delta", delta, "x0", x0)
+    checks.coefficients(OP, "c_signal", c_signal, x0)
+    checks.coefficients(OP, "c_noise", c_noise, x0)
+    return checks.target_mode(OP, target)
+
+
+@torch.library.custom_op("adv_dpm::noise_inject", mutates_args=())
+def noise_inject_op(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
+                    target: str = "delta_detach") -> tuple[Tensor, Tensor]:
+    mode = _check(x0, eps, c_signal, c_noise, delta, target)
+    return backend.run(OP, "noise_inject", x0, x0, eps, c_signal, c_noise, delta, mode)
+
+
+@noise_inject_op.register_fake
+def _(x0, eps, c_signal, c_noise, delta=None, target="delta_detach"):
+    _check(x0, eps, c_signal, c_noise, delta, target)
+    return torch.empty_like(x0), torch.empty_like(x0)
+
+
+@torch.library.custom_op("adv_dpm::noise_inject_backward", mutates_args=())
+def noise_inject_backward_op(grad_x_t: Tensor, grad_target: Tensor, x0: Tensor, eps: Tensor, c_signal: Tensor,
+                             c_noise: Tensor, delta: Optional[Tensor], target: str,
+                             coef_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mode = _check(x0, eps, c_signal, c_noise, delta, target)
+    checks.like(OP, "grad_x_t", grad_x_t, "x0", x0)
+    checks.like(OP, "grad_target", grad_target, "x0", x0)
+    return backend.run(OP, "noise_inject_backward", x0, grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta,
+                       mode, coef_grads)
+
+
+@noise_inject_backward_op.register_fake
+def _(grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, target, coef_grads):
+    checks.target_mode(OP, target)
+    empty = x0.new_empty((0,))
+    grad_delta = empty if delta is None else torch.empty_like(x0)
+    grad_cs, grad_cn = (torch.empty_like(c_signal), torch.empty_like(c_noise)) if coef_grads else (
+        c_signal.new_empty((0,)), c_noise.new_empty((0,)))
+    return torch.empty_like(x0), torch.empty_like(x0), grad_delta, grad_cs, grad_cn
+
+
+def _setup_context(ctx, inputs, output):
+    x0, eps, c_signal, c_noise, delta, target = inputs
+    ctx.target = target
+    ctx.save_for_backward(x0, eps, c_signal, c_noise, delta)
+
+
+def _backward(ctx, grad_x_t, grad_target):
+    x0, eps, c_signal, c_noise, delta = ctx.saved_tensors
+    coef_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = noise_inject_backward_op(
+        grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, ctx.target, coef_grads)
+    return (grad_x0, grad_eps, grad_cs if coef_grads else None, grad_cn if coef_grads else None,
+            grad_delta if delta is not None else None, None)
+
+
+noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
+                 target: str = "delta_detach") -> tuple[Tensor, Tensor]:
+    """(x_t, target): x_t = c_signal * x0 + c_noise * eps (+ delta), per-sample (B,) coefficients.
+
+    ``target`` is the regression target of PAPER.md: 'original' (eps), 'delta' (eps + delta /
+    c_noise, gradient flows through delta) or 'delta_detach' (the same value, delta detached).
+    Differentiable in every tensor argument.
+    """
+    return noise_inject_op(x0, eps, c_signal, c_noise, delta, target)

@@ -1,0 +1,388 @@
+"""The trainer: standard training, DDPM-IP, free adversarial training and PGD-style AT of a
+diffusion model (PAPER.md), on one CPU, one GPU or many (torchrun).
+
+Progress is counted in optimizer updates (``step``): free AT and PGD AT take K replays per
+batch, free AT updating the parameters on every replay, PGD only on the last. The whole
+training state lives in one file, ``<run_dir>/checkpoint.pt``, written atomically at batch
+boundaries; a run restarted with the same run_dir resumes from it and continues the same
+trajectory.
+"""
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import data as datasets
+from .adversarial import AdversarialConfig, Perturbation
+from .diffusion import Schedule, create_timestep_sampler, diffusion_loss, q_sample
+from .models import build_model
+from .utils import atomic_save, save_image_grid
+
+MODES = ("standard", "ip", "free_at", "pgd_at")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; names follow guided-diffusion's flags where one exists."""
+    data: str = "digits"                 # data set spec (adv_dpm.data.load_dataset)
+    model: str = "digits-tiny"           # model preset (adv_dpm.models.PRESETS)
+    model_overrides: dict = field(default_factory=dict)
+    diffusion_steps: int = 1000
+    noise_schedule: str = "cosine"
+    schedule_sampler: str = "uniform"    # 'uniform' | 'loss-second-moment'
+    mode: str = "free_at"                # 'standard' | 'ip' (DDPM-IP) | 'free_at' | 'pgd_at'
+    adv_steps: int = 3
+    adv_lr: float = 0.1
+    adv_max_norm: float = 0.1
+    adv_target: str = "delta_detach"
+    ip_gamma: float = 0.1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64                 # global batch (split over ranks)
+    microbatch: int = 0                  # per-rank micro-batch for gradient accumulation (0: none)
+    ema_rate: str = "0.9999"             # comma-separated rates
+    total_steps: int = 1000              # optimizer updates
+    precision: str = "fp32"              # 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a grad scaler)
+    compile: bool = False
+    channels_last: bool = False
+    log_interval: int = 50
+    sample_interval: int = 0             # 0: only at the end
+    save_interval: int = 500
+    num_samples: int = 64
+    sample_method: str = "ddim"
+    sample_steps: int = 20
+    run_dir: str = "runs/default"
+    init_from: str = ""                  # fine-tune: weights (EMA-free model state) of this checkpoint
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        for name in ("batch_size", "total_steps", "diffusion_steps", "log_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.ema_rates()
+        self.adversarial()
+
+    def ema_rates(self):
+        try:
+            rates = [float(r) for r in str(self.ema_rate).split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"ema_rate must be comma-separated numbers, got {self.ema_rate!r}") from None
+        if not all(0 <= r < 1 for r in rates):
+            raise ValueError(f"ema_rate values must be in [0, 1), got {self.ema_rate!r}")
+        return rates
+
+    def adversarial(self):
+        return AdversarialConfig(self.adv_steps, self.adv_lr, self.adv_max_norm, self.adv_target)
+
+    @property
+    def replays(self):
+        """Forward/backward passes per batch: K for the AT modes, else 1."""
+        return self.adv_steps if self.mode in ("free_at", "pgd_at") else 1
+
+
+def _distributed():
+    """(rank, world_size), initializing the process group under torchrun."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Trainer:
+    """Owns the model, its EMAs, the optimizer and all the state a resume needs."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.rank, self.world = _distributed()
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                                   else config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must divide over {self.world} ranks")
+        self.run_dir = Path(config.run_dir)
+        torch.manual_seed(config.seed + self.rank)
+        self.data = datasets.load_dataset(config.data)
+        self.batches = datasets.BatchIterator(self.data, config.batch_size // self.world, config.seed, self.rank,
+                                              self.world)
+        self.model = build_model(config.model, **self._shape_overrides()).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.learn_sigma = self.model.config.get("learn_sigma", False)
+        self.schedule = Schedule.named(config.noise_schedule, config.diffusion_steps)
+        self.timesteps = create_timestep_sampler(config.schedule_sampler, config.diffusion_steps)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.emas = {rate: [p.detach().clone() for p in self.model.parameters()] for rate in config.ema_rates()}
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.noise = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.step = 0
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
+                                                               else [self.device.index])
+                    if self.world > 1 else self.model)
+        self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        if not self._resume() and config.init_from:
+            self._init_from(config.init_from)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _shape_overrides(self):
+        x = self.data.x
+        if x.dim() == 2:
+            return {**self.cfg.model_overrides}
+        return {"image_size": x.shape[-1], "in_channels": x.shape[1], **self.cfg.model_overrides}
+
+    @property
+    def checkpoint_path(self):
+        return self.run_dir / "checkpoint.pt"
+
+    def state_dict(self):
+        return {"config": dataclasses.asdict(self.cfg), "model_config": self.model.config, "step": self.step,
+                "model": self.model.state_dict(), "ema": {str(r): e for r, e in self.emas.items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "timestep_sampler": self.timesteps.state_dict(), "batches": self.batches.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def save(self):
+        """The training state to <run_dir>/checkpoint.pt, atomically (rank 0 only)."""
+        if self.rank == 0:
+            atomic_save(self.state_dict(), self.checkpoint_path)
+
+    def _resume(self):
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        for rate, params in state["ema"].items():
+            for e, p in zip(self.emas[float(rate)], params):
+                e.copy_(p)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.timesteps.load_state_dict(state["timestep_sampler"])
+        self.batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.noise.set_state(state["rng"]["noise"].cpu())
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.step = state["step"]
+        self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
+        return True
+
+    def _init_from(self, path):
+        """Fine-tuning as the paper's protocol: weights (and EMAs) from ``path``, fresh optimizer."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        for params in self.emas.values():
+            for e, p in zip(params, self.model.parameters()):
+                e.copy_(p.detach())
+        self.log(f"initialized weights from {path} (step {state.get('step')}); optimizer state not loaded")
+
+    def log(self, message):
+        if self.rank == 0:
+            tqdm.write(message)
+
+    # -- one batch ----------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = PRECISIONS[self.cfg.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _micro_batches(self):
+        """The batch as micro-batches: each a dict with x0, y, t, weights, eps, the clean x_t and c_noise."""
+        x0, y = next(self.batches)
+        x0 = x0.to(self.device)
+        if self.cfg.channels_last and x0.dim() == 4:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        y = None if y is None or not self.model.config.get("num_classes") else y.to(self.device)
+        t, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
+        eps = torch.randn(x0.shape, generator=self.noise).to(self.device, memory_format=torch.preserve_format)
+        t, weights = t.to(self.device), weights.to(self.device)
+        size = self.cfg.microbatch or x0.shape[0]
+        micro = []
+        for i in range(0, x0.shape[0], size):
+            part = slice(i, i + size)
+            m = {"x0": x0[part], "y": None if y is None else y[part], "t": t[part], "w": weights[part],
+                 "eps": eps[part], "share": x0[part].shape[0] / x0.shape[0]}
+            m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"])
+            m["c_noise"] = self.schedule.sqrt_one_minus_alphas_cumprod.float()[m["t"].cpu()].to(self.device)
+            if self.cfg.mode == "ip":   # DDPM-IP: eps' = eps + gamma * xi, target stays eps
+                xi = torch.randn(m["x0"].shape, generator=self.noise).to(self.device)
+                delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
+                m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"], delta, "original")
+            m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial())
+            micro.append(m)
+        return micro
+
+    def _replay(self, micro, update_parameters):
+        """One forward/backward over the batch; returns the per-sample losses (detached)."""
+        losses = []
+        for j, m in enumerate(micro):
+            x_in, target = m["perturbation"].inputs()
+            sync = update_parameters and j == len(micro) - 1
+            context = self.ddp.no_sync() if self.world > 1 and not sync else _null()
+            with context, self._autocast():
+                out = self.forward(x_in, m["t"], m["y"])
+            terms = diffusion_loss(self.schedule, out.float(), x_in, m["x0"], m["t"], target, self.learn_sigma)
+            loss = (terms["loss"] * m["w"]).mean() * m["share"]
+            if update_parameters:
+                self.scaler.scale(loss).backward()
+            else:   # PGD ascent step: input gradients only, parameters untouched
+                wanted = [x_in] + ([target] if target.requires_grad else [])
+                grads = torch.autograd.grad(self.scaler.scale(loss), wanted)
+                x_in.grad, target.grad = grads[0], grads[1] if len(grads) > 1 else None
+            m["inputs"] = (x_in, target)
+            losses.append(terms["loss"].detach())
+        return torch.cat(losses)
+
+    def _optimizer_step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p.detach() for p in self.model.parameters()]
+        for rate, ema in self.emas.items():
+            torch._foreach_lerp_(ema, params, 1 - rate)
+        self.step += 1
+
+    def _update_perturbations(self, micro, grad_scale):
+        for m in micro:
+            m["perturbation"].update(*m["inputs"], grad_scale=grad_scale)
+
+    def _record_losses(self, t, losses):
+        if self.world > 1:
+            gathered_t, gathered_l = [torch.empty_like(t) for _ in range(self.world)], [
+                torch.empty_like(losses) for _ in range(self.world)]
+            dist.all_gather(gathered_t, t)
+            dist.all_gather(gathered_l, losses)
+            t, losses = torch.cat(gathered_t), torch.cat(gathered_l)
+        self.timesteps.update(t.cpu(), losses.cpu())
+
+    def train_batch(self):
+        """K replays of one batch (one for standard and DDPM-IP); returns the last replay's mean loss."""
+        micro = self._micro_batches()
+        t = torch.cat([m["t"] for m in micro])
+        replays = self.cfg.replays
+        for k in range(replays):
+            update = self.cfg.mode != "pgd_at" or k == replays - 1
+            losses = self._replay(micro, update)
+            self._record_losses(t, losses)
+            grad_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            if update:
+                self._optimizer_step()
+            if k < replays - 1:
+                self._update_perturbations(micro, grad_scale)
+        return losses.mean().item(), sum(m["perturbation"].skipped for m in micro)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self):
+        """Train to ``total_steps`` updates, logging, sampling and saving on the way."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=cfg.mode, unit="update")
+        window, start, last_save = [], time.perf_counter(), self.step
+        while self.step < cfg.total_steps:
+            loss, skipped = self.train_batch()
+            window.append(loss)
+            bar.update(cfg.replays)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step // cfg.log_interval != (self.step - cfg.replays) // cfg.log_interval:
+                elapsed = time.perf_counter() - start
+                self._write_metrics({"step": self.step, "loss": sum(window) / len(window), "skipped": skipped,
+                                     "updates_per_s": len(window) * cfg.replays / elapsed, "time": time.time()})
+                window, start = [], time.perf_counter()
+            if cfg.sample_interval and self.step // cfg.sample_interval != (self.step - cfg.replays) // cfg.sample_interval:
+                self.sample_grid()
+            if self.step - last_save >= cfg.save_interval:
+                self.save()
+                last_save = self.step
+        bar.close()
+        self.save()
+        self.sample_grid()
+        self.plot_losses()
+        return self.run_dir
+
+    def _write_metrics(self, row):
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def ema_model(self, rate=None):
+        """A copy of the model holding the EMA weights of ``rate`` (default: the first rate)."""
+        rate = next(iter(self.emas)) if rate is None else rate
+        model = copy.deepcopy(self.model).eval()
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.emas[rate]):
+                p.copy_(e)
+        return model
+
+    def sample_grid(self):
+        """cfg.num_samples samples of the EMA model to <run_dir>/samples_<step>.png (rank 0)."""
+        if self.rank != 0 or self.data.x.dim() != 4:
+            return None
+        from .diffusion import sample
+        model = self.ema_model()
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        x_T = torch.randn((self.cfg.num_samples, *self.data.x.shape[1:]), generator=g).to(self.device)
+        with torch.no_grad():
+            x = sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_method,
+                       self.cfg.sample_steps, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
+        path = self.run_dir / f"samples_{self.step:07d}.png"
+        save_image_grid(x, path)
+        return path
+
+    def plot_losses(self):
+        """<run_dir>/loss.png from metrics.csv (rank 0; skipped without matplotlib)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set(xlabel="optimizer update", ylabel="training loss", title=f"{self.cfg.mode} on {self.cfg.data}")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "loss.png", dpi=120)
+        plt.close(fig)
+        return self.run_dir / "loss.png"
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(config: TrainConfig):
+    """Train (or resume) a run; returns its directory."""
+    return Trainer(config).train()

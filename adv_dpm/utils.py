@@ -1,0 +1,48 @@
+"""Small helpers: atomic writes and image grids."""
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj, path):
+    """torch.save to ``path`` so that a crash leaves the previous file intact (write, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image_grid(images, path, nrow=None):
+    """(N, C, H, W) images in [-1, 1] as one PNG grid (atomically)."""
+    from PIL import Image
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = x[i]
+    array = grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if c == 1 else array)
+    scale = max(1, 256 // max(grid.shape[1:]))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        image.save(f, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,132 @@
+"""Benchmark the fused noise-injection and adversarial-step ops against the plain PyTorch
+composite (eager, as ADM / the authors' code write it) and torch.compile of it, side by side.
+
+    python benches/bench_ops.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16] [--out DIR]
+
+Prints a table and writes JSON + markdown under benches/results/ (see benches/common.py for
+the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy).
+"""
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from adv_dpm.ops import adv_step, adv_step_inject, backend, eager, noise_inject, use_backend  # noqa: E402
+
+SHAPES = {"cifar10": (128, 3, 32, 32), "imagenet64": (64, 3, 64, 64)}
+LR, RADIUS_PER_ELEMENT = 0.1, 0.1
+COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("provider", "provider", "{}"),
+           ("us", "median us", "{:.1f}"), ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
+           ("vs_eager", "x eager", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
+           ("peak_mib", "peak MiB", "{:.1f}")]
+
+
+def inputs(shape, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    big = lambda: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+    c_signal = torch.rand(shape[0], generator=g, device=device)
+    radius = RADIUS_PER_ELEMENT * (torch.tensor(shape[1:]).prod().item() ** 0.5)
+    return dict(x0=big(), eps=big(), delta=0.01 * big(), grad=big(), gxt=big(), gt=big(),
+                c_signal=c_signal, c_noise=(1 - c_signal**2).sqrt(), radius=radius)
+
+
+def cases(t):
+    """op name -> (minimal bytes, {provider kind: callable factory}); a factory takes the op impl."""
+    n = t["x0"].numel() * t["x0"].element_size()
+
+    def inject_fwd(fn):
+        return lambda: fn(t["x0"], t["eps"], t["c_signal"], t["c_noise"], t["delta"], "delta_detach")
+
+    def inject_graph(fn):
+        leaves = [t[k].detach().requires_grad_() for k in ("x0", "eps")] + [t["c_signal"], t["c_noise"],
+                                                                             t["delta"].detach().requires_grad_()]
+        return leaves, fn(*leaves, "delta_detach")
+
+    def inject_bwd(fn):
+        (x0, eps, _, _, delta), outs = inject_graph(fn)
+        return lambda: torch.autograd.grad(outs, (x0, eps, delta), (t["gxt"], t["gt"]), retain_graph=True)
+
+    def inject_both(fn):
+        def run():
+            (x0, eps, _, _, delta), outs = inject_graph(fn)
+            return torch.autograd.grad(outs, (x0, eps, delta), (t["gxt"], t["gt"]))
+        return run
+
+    def step(fn):
+        return lambda: fn(t["delta"], t["grad"], LR, t["radius"])
+
+    def step_inject(fn):
+        return lambda: fn(t["x0"], t["eps"], t["c_noise"], t["delta"], t["grad"], LR, t["radius"], "delta_detach")
+
+    return {
+        "noise_inject fwd": (5 * n, inject_fwd, noise_inject, eager.noise_inject),
+        "noise_inject bwd": (5 * n, inject_bwd, noise_inject, eager.noise_inject),
+        "noise_inject fwd+bwd": (10 * n, inject_both, noise_inject, eager.noise_inject),
+        "adv_step": (3 * n, step, adv_step, eager.adv_step),
+        "adv_step_inject": (7 * n, step_inject, adv_step_inject, eager.adv_step_inject),
+    }
+
+
+@functools.cache
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def kernel_backends(device):
+    ours = [b for b in ("cpu", "cuda", "triton") if backend.unavailable(b, device) is None]
+    return [b for b in ours if not (b == "triton" and device == "cpu")]  # the interpreter is no benchmark
+
+
+def bench(shape_names, dtypes, device, min_run_time):
+    rows = []
+    for shape_name in shape_names:
+        shape = SHAPES[shape_name]
+        for dtype in dtypes:
+            t = inputs(shape, dtype, device)
+            for op, (nbytes, factory, ours, composite) in cases(t).items():
+                copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)
+                providers = {"eager": (None, factory(composite)), "compile": (None, factory(compiled(composite)))}
+                providers.update({b: (b, factory(ours)) for b in kernel_backends(device)})
+                times = {}
+                for name, (forced, fn) in providers.items():
+                    with use_backend(forced):
+                        sec = common.median_seconds(fn, min_run_time)
+                        peak = common.peak_memory(fn, device) if "bwd" in op else None
+                    times[name] = sec
+                    rows.append(dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1],
+                                     provider=name, us=sec * 1e6, gbps=nbytes / sec / 1e9,
+                                     of_copy=nbytes / sec / copy_bw, bytes=nbytes,
+                                     peak_mib=None if peak is None else peak / 2**20))
+                for row in rows[-len(providers):]:
+                    row["vs_eager"] = times["eager"] / (row["us"] / 1e6)
+                    row["vs_compile"] = times["compile"] / (row["us"] / 1e6)
+                print(common.markdown_table(rows[-len(providers):], COLUMNS).split("\n", 2)[2], flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CIFAR-10 batch only, short timing (the demo)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default=None, help="comma-separated (default float32 on CPU, "
+                                                       "float32,bfloat16 on CUDA)")
+    parser.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes or ("float32" if args.device == "cpu" else "float32,bfloat16")
+    dtypes = [getattr(torch, d) for d in dtypes.split(",")]
+    shapes = ["cifar10"] if args.quick else list(SHAPES)
+    meta = common.machine(args.device)
+    print(f"# fused ops on {meta['device']} (torch {meta['torch']}); medians of repeated runs\n")
+    print(common.markdown_table([], COLUMNS))
+    rows = bench(shapes, dtypes, args.device, min_run_time=0.3 if args.quick else 1.0)
+    path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, COLUMNS, args.out)
+    print(f"\nresults: {path} (and .json)")
+
+
+if __name__ == "__main__":
+    main()

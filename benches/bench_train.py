@@ -1,0 +1,99 @@
+"""Time per optimizer update of standard training, free AT and PGD AT (K=3), with the fused ops
+and with plain PyTorch ops (the reference backend), for the same model and batch, side by side.
+
+    python benches/bench_train.py [--device cpu|cuda] [--model digits-tiny] [--batch 64] [--out DIR]
+
+Free AT should cost about what standard training costs per update (its perturbation is
+free); PGD AT about K times as much. On CUDA the default is the paper's CIFAR-10 model in bf16.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from adv_dpm.ops import use_backend  # noqa: E402
+from adv_dpm.train import TrainConfig, Trainer  # noqa: E402
+
+COLUMNS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("ops", "ops", "{}"),
+           ("ms_per_update", "ms / update", "{:.2f}"), ("vs_standard", "x standard", "{:.3f}"),
+           ("fused_speedup", "fused speed-up", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+
+
+def time_per_update(trainer, batches, repeats):
+    """Median over ``repeats`` of (seconds for ``batches`` batches) / updates."""
+    trainer.train_batch()   # warm-up
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    samples = []
+    for _ in range(repeats):
+        sync()
+        start, step = time.perf_counter(), trainer.step
+        for _ in range(batches):
+            trainer.train_batch()
+        sync()
+        samples.append((time.perf_counter() - start) / (trainer.step - step))
+    return statistics.median(samples)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="preset (default digits-tiny on CPU, cifar10 on CUDA)")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--precision", default=None)
+    parser.add_argument("--batches", type=int, default=None, help="batches per timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(common.RESULTS))
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    model = args.model or ("cifar10" if gpu else "digits-tiny")
+    data = args.data or ("npz:" + str(random_npz(3, 32)) if gpu else "digits")
+    batch = args.batch or (128 if gpu else 64)
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    batches = args.batches or (4 if gpu else 6)
+    meta = common.machine(args.device)
+    print(f"# training step on {meta['device']}: {model}, batch {batch}, {precision}; medians of {args.repeats}\n")
+    print(common.markdown_table([], COLUMNS))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ops, backend in [("fused", None), ("plain", "reference")]:
+            for mode in ("standard", "free_at", "pgd_at"):
+                torch.manual_seed(0)
+                cfg = TrainConfig(data=data, model=model, mode=mode, adv_steps=3, batch_size=batch,
+                                  precision=precision, device=args.device, run_dir=f"{tmp}/{ops}-{mode}",
+                                  channels_last=gpu)
+                with use_backend(backend):
+                    trainer = Trainer(cfg)
+                    sec = time_per_update(trainer, batches, args.repeats)
+                    peak = common.peak_memory(trainer.train_batch, args.device)
+                rows.append(dict(model=model, mode=mode, ops=ops, ms_per_update=sec * 1e3,
+                                 peak_mib=None if peak is None else peak / 2**20))
+                del trainer
+    for row in rows:
+        same_ops = {r["mode"]: r for r in rows if r["ops"] == row["ops"]}
+        plain = next(r for r in rows if r["ops"] == "plain" and r["mode"] == row["mode"])
+        row["vs_standard"] = row["ms_per_update"] / same_ops["standard"]["ms_per_update"]
+        row["fused_speedup"] = plain["ms_per_update"] / row["ms_per_update"]
+        print(common.markdown_table([row], COLUMNS).split("\n", 2)[2], flush=True)
+    path = common.save("bench_train", meta, rows, COLUMNS, args.out)
+    print(f"\nresults: {path} (and .json)")
+
+
+def random_npz(channels, size, n=512):
+    """A throwaway image set of the right shape (timing does not depend on the pixels)."""
+    import numpy as np
+    path = Path(tempfile.gettempdir()) / f"adv_dpm_bench_{channels}x{size}.npz"
+    if not path.exists():
+        np.savez(path, np.random.default_rng(0).integers(0, 256, (n, size, size, channels), dtype=np.uint8))
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shared benchmark machinery: timing, the copy ceiling, the machine tag, atomic result files.
+
+Conventions: inputs and upstream gradients are made outside the timed region; every figure
+is a median over repeated runs (torch.utils.benchmark, which synchronizes CUDA); bandwidth is
+the op's minimal-bytes model (each input read once, each output written once) over the
+median time, and "of copy" divides it by the bandwidth of a same-size copy measured in the
+same run, the practical ceiling of a memory-bound op.
+"""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(fn, min_run_time):
+    fn()  # warm-up (compilation, autotuning, allocator)
+    return tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) \
+        .blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(nbytes, device, min_run_time):
+    """Bytes per second of dst.copy_(src) moving ``nbytes`` in total (read + write)."""
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), min_run_time)
+
+
+def peak_memory(fn, device):
+    """Peak bytes allocated by one call beyond what was allocated before (CUDA only, else None)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def machine(device):
+    """What ran the benchmark: device, versions, commit."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        commit = (commit + ("+dirty" if dirty else "")) or None
+    except OSError:
+        commit = None
+    return {"device": name, "device_type": device, "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "commit": commit}
+
+
+def write_atomic(path, text):
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def markdown_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join("" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in columns) + " |"
+            for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def save(name, meta, rows, columns, out_dir=RESULTS):
+    """benches/results/<name>-<device>-<date>.{json,md}; returns the markdown path."""
+    tag = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip()).strip("-").lower()
+    stem = Path(out_dir) / f"{name}-{tag}-{meta['date']}"
+    write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = (f"# {name}\n\n{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
+              f"CUDA {meta['cuda']}, commit {meta['commit']}\n\n")
+    write_atomic(stem.with_suffix(".md"), header + markdown_table(rows, columns) + "\n")
+    return stem.with_suffix(".md")

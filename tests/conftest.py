@@ -1,0 +1,102 @@
+"""Shared test set-up: which (device, backend) pairs run, and the oracle comparison.
+
+Without a GPU the Triton kernels run on CPU tensors under the interpreter, which must be
+switched on before triton is imported: hence here, at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from adv_dpm.ops import backend  # noqa: E402
+
+# Backends that `make test` builds and installs: missing ones fail there instead of skipping.
+REQUIRED = {b for b in os.environ.get("ADV_DPM_REQUIRE_BACKENDS", "").split(",") if b}
+
+PAIRS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
+         ("cuda", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
+
+
+def pair_id(pair):
+    return f"{pair[0]}-{pair[1]}"
+
+
+def _pair_params(pairs):
+    return [pytest.param(p, id=pair_id(p), marks=[pytest.mark.cuda] if p[0] == "cuda" else []) for p in pairs]
+
+
+def require_pair(pair, op="noise_inject"):
+    """Skip (or fail, if required) when the (device, backend) pair cannot run ``op`` here."""
+    device, name = pair
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    why = backend.unavailable(name, device, op)
+    if why:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name!r} is required (ADV_DPM_REQUIRE_BACKENDS) but unavailable: {why}")
+        pytest.skip(why)
+    return pair
+
+
+def use_pair(pair):
+    """A context that forces the pair's backend."""
+    return backend.use_backend(pair[1])
+
+
+@pytest.fixture(params=_pair_params(PAIRS))
+def pair(request):
+    return require_pair(request.param)
+
+
+@pytest.fixture(params=_pair_params([p for p in PAIRS if p[1] != "reference"]))
+def kernel_pair(request):
+    """Only the compiled and Triton backends (the reference is the oracle itself)."""
+    return require_pair(request.param)
+
+
+def is_interpreted(pair):
+    return pair[1] == "triton" and pair[0] == "cpu"
+
+
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def max_err(t, ref64):
+    return (t.double() - ref64).abs().max().item() if t.numel() else 0.0
+
+
+def assert_within_budget(name, out, ref64, eager_same_dtype):
+    """err(kernel) <= 2 * err(eager composite in the same dtype) + atol (relative to the largest
+    reference value when that exceeds 1); NaN never passes."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    magnitude = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    budget = 2 * max_err(eager_same_dtype, ref64) + ATOL[out.dtype] * magnitude
+    err = max_err(out, ref64)
+    assert err <= budget, f"{name}: max error {err:.3g} > budget {budget:.3g} ({out.dtype})"
+
+
+def make_input(shape, dtype, device, kind, generator):
+    """Fresh random data; 'shifted' has a non-zero mean (-2.3 + 0.5 * randn)."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if kind == "shifted":
+        x = -2.3 + 0.5 * x
+    return x.to(device=device, dtype=dtype)
+
+
+def relayout(t, layout):
+    """The same values in another memory layout: contiguous, channels_last, or a strided view."""
+    if layout == "contiguous" or t.dim() != 4:
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":   # a non-dense view: every other column of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "transposed":  # dense but batch dim not outermost in memory
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    raise ValueError(layout)

@@ -1,0 +1,174 @@
+"""adv_step / adv_step_inject: every backend against the float64 oracle, and the guard."""
+import math
+
+import pytest
+import torch
+
+from adv_dpm.ops import adv_step, adv_step_inject, eager, reference
+from conftest import ATOL, assert_within_budget, is_interpreted, make_input, relayout, use_pair
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+TARGETS = ("original", "delta_detach", "delta")
+# (shape, layout of delta, layout of grad, data kind of grad, radius as a fraction of a typical ||delta||)
+CASES = [
+    ((4, 3, 8, 8), "contiguous", "contiguous", "centred", 0.5),
+    ((4, 3, 8, 8), "channels_last", "contiguous", "shifted", 2.0),
+    ((3, 5, 7, 9), "channels_last", "channels_last", "shifted", math.inf),
+    ((2, 4, 6, 6), "strided", "transposed", "centred", 0.5),
+    ((1, 3, 5, 7), "contiguous", "contiguous", "shifted", 0.0),
+    ((5, 1, 1, 1), "contiguous", "contiguous", "centred", 0.5),
+    ((16, 2), "contiguous", "contiguous", "shifted", 0.5),
+]
+
+
+def case_id(case):
+    shape, ld, lg, kind, radius = case
+    return f"{'x'.join(map(str, shape))}-{ld}-{lg}-{kind}-r{radius}"
+
+
+def make_state(case, dtype, device, seed=0):
+    """delta (some samples zero, as at the start of a batch), grad, x_t, eps, c_noise, lr, radius."""
+    shape, ld, lg, kind, radius_frac = case
+    g = torch.Generator().manual_seed(seed)
+    delta = 0.05 * make_input(shape, dtype, device, "centred", g)
+    delta[::2] = 0
+    delta = relayout(delta, ld)
+    grad = relayout(make_input(shape, dtype, device, kind, g), lg)
+    x_t = relayout(make_input(shape, dtype, device, "shifted", g), ld)
+    eps = relayout(make_input(shape, dtype, device, "centred", g), lg)
+    coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    c_noise = (torch.rand(shape[0], generator=g, dtype=torch.float64) * 0.9 + 0.1).to(device, coef_dtype)
+    d = math.prod(shape[1:])
+    return delta, grad, x_t, eps, c_noise, 0.1 * math.sqrt(d) * 0.1, radius_frac * 0.1 * math.sqrt(d) * 0.1
+
+
+def as64(t):
+    return None if t is None else t.detach().double().cpu()
+
+
+def skip_unsupported(pair, dtype):
+    if dtype == torch.float64 and pair[1] in ("triton", "cuda"):
+        pytest.skip("float64 runs on the reference and C++ CPU backends only")
+
+
+def check_norms(name, out, ref, dtype):
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref.double(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_step_matches_oracle(pair, dtype, case):
+    skip_unsupported(pair, dtype)
+    if is_interpreted(pair) and dtype == torch.float64:
+        pytest.skip("unsupported")
+    delta, grad, _, _, _, lr, radius = make_state(case, dtype, pair[0])
+    with use_pair(pair):
+        out = adv_step(delta, grad, lr, radius)
+    ref = reference.adv_step(as64(delta), as64(grad), None, None, None, None, lr, radius, 1.0, 0)
+    base = eager.adv_step(delta, grad, lr, radius)
+    assert out.delta.dtype == dtype and out.delta.device.type == pair[0]
+    assert_within_budget("delta", out.delta.cpu(), ref[0], base[0].cpu())
+    check_norms("grad_norm", out.grad_norm, ref[3], dtype)
+    check_norms("delta_norm", out.delta_norm, ref[4], dtype)
+    assert not out.skipped.any()
+    assert (out.delta_norm <= radius * (1 + 1e-5) + ATOL[dtype]).all(), "projection left the ball"
+    if delta.dim() == 4 and delta.is_contiguous(memory_format=torch.channels_last):
+        assert out.delta.is_contiguous(memory_format=torch.channels_last), "output lost the input's layout"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=case_id)
+def test_inject_matches_oracle(pair, dtype, target, case):
+    skip_unsupported(pair, dtype)
+    if is_interpreted(pair) and (dtype != torch.float32 and target != "delta"):
+        pytest.skip("the interpreter is slow: low precision is covered by one target")
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(case, dtype, pair[0])
+    grad_target = 0.3 * torch.randn_like(grad) if target == "delta" else None
+    with use_pair(pair):
+        out = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target)
+    mode = TARGETS.index(target)
+    ref = reference.adv_step(as64(delta), as64(grad), as64(grad_target), as64(x_t), as64(eps), as64(c_noise),
+                             lr, radius, 1.0, mode)
+    # the eager composite of the same step: the target's gradient folded in first
+    g_eff = grad if grad_target is None else grad + grad_target / c_noise.to(dtype).reshape(-1, *[1] * (grad.dim() - 1))
+    base = eager.adv_step_inject(x_t, eps, c_noise, delta, g_eff, lr, radius, target)
+    for i, name in enumerate(["delta", "x_adv", "target"]):
+        assert_within_budget(name, out[i].cpu(), ref[i], base[i].cpu())
+    check_norms("grad_norm", out.grad_norm, ref[3], dtype)
+    check_norms("delta_norm", out.delta_norm, ref[4], dtype)
+
+
+def test_grad_scale_is_divided_out(pair):
+    delta, grad, _, _, _, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+    with use_pair(pair):
+        plain = adv_step(delta, grad, lr, radius)
+        scaled = adv_step(delta, grad * 1024.0, lr, radius, grad_scale=1024.0)
+    torch.testing.assert_close(scaled.delta, plain.delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.grad_norm, plain.grad_norm, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_gradient_keeps_delta_and_is_reported(pair):
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+    delta = delta + 0.01  # no sample at zero: "kept" must mean kept
+    grad[1, 0, 0, 0] = float("inf")
+    grad[2, 2, 3, 1] = float("nan")
+    with use_pair(pair):
+        out = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius)
+    assert out.skipped.tolist() == [False, True, True, False]
+    assert torch.equal(out.delta[1:3], delta[1:3]), "a skipped sample must keep its delta exactly"
+    assert torch.isfinite(out.delta).all() and torch.isfinite(out.x_adv).all() and torch.isfinite(out.target).all()
+    assert not torch.equal(out.delta[0], delta[0]) and not torch.equal(out.delta[3], delta[3])
+    torch.testing.assert_close(out.x_adv[1:3], x_t[1:3] + delta[1:3])
+    torch.testing.assert_close(out.delta_norm[1:3], delta[1:3].reshape(2, -1).norm(dim=1))
+
+
+def test_zero_gradient_leaves_delta_inside_the_ball(pair):
+    delta, grad, _, _, _, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+    delta = delta * (0.5 * radius / delta.reshape(4, -1).norm(dim=1).clamp_min(1e-12)).reshape(-1, 1, 1, 1)
+    with use_pair(pair):
+        out = adv_step(delta, torch.zeros_like(grad), lr, radius)
+    assert torch.equal(out.delta, delta)
+    assert not out.skipped.any() and (out.grad_norm == 0).all()
+
+
+def test_opcheck(pair):
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[1], torch.float32, pair[0])
+    with use_pair(pair):
+        torch.library.opcheck(torch.ops.adv_dpm.adv_step.default, (delta, grad, lr, radius, 2.0))
+        torch.library.opcheck(torch.ops.adv_dpm.adv_step_inject.default,
+                              (x_t, eps, c_noise, delta, grad, lr, radius, "delta", torch.randn_like(grad), 1.0))
+        torch.library.opcheck(torch.ops.adv_dpm.adv_step_inject.default,
+                              (x_t, eps, c_noise, delta, grad, lr, radius, "original", None, 1.0))
+
+
+def test_is_deterministic(pair):
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(((3, 8, 32, 32), "contiguous", "contiguous",
+                                                              "shifted", 0.5), torch.float32, pair[0])
+    with use_pair(pair):
+        first = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius)
+        second = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(lr=-0.1), ValueError, r"lr must be a number >= 0 and finite, got -0.1"),
+    (dict(radius=-1.0), ValueError, r"radius must be a number >= 0 \(inf allowed\), got -1.0"),
+    (dict(radius=float("nan")), ValueError, r"radius must be a number >= 0"),
+    (dict(grad_scale=0.0), ValueError, r"grad_scale must be a finite number > 0"),
+    (dict(grad=torch.randn(4, 3, 8)), ValueError, r"grad must have the shape of delta \(4, 3, 8, 8\)"),
+    (dict(grad=torch.randn(4, 3, 8, 8, dtype=torch.float16)), TypeError, r"grad must have the dtype of delta"),
+    (dict(x_t=torch.randn(2, 3, 8, 8)), ValueError, r"x_t must have the shape of delta"),
+    (dict(c_noise=torch.rand(5)), ValueError, r"c_noise must have shape \(B,\) = \(4,\)"),
+    (dict(target="eps"), ValueError, r"target must be one of"),
+    (dict(grad_target=torch.randn(4, 3, 8, 8)), ValueError, r"grad_target is only used with target='delta'"),
+])
+def test_bad_input_names_the_argument(change, error, match):
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, "cpu")
+    args = dict(x_t=x_t, eps=eps, c_noise=c_noise, delta=delta, grad=grad, lr=lr, radius=radius)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        adv_step_inject(**args)

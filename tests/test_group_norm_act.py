@@ -1,0 +1,186 @@
+"""group_norm_act: every backend against the float64 oracle, forward and backward."""
+import pytest
+import torch
+
+from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
+from conftest import ATOL, assert_within_budget, is_interpreted, require_pair, use_pair
+
+OP = "group_norm_act"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (shape, groups, layout, data kind, parameters given (w, b, scale, shift), act)
+CASES = [
+    ((4, 32, 8, 8), 8, "contiguous", "shifted", "wbss", "silu"),
+    ((4, 32, 8, 8), 8, "channels_last", "centred", "wbss", "silu"),
+    ((3, 96, 5, 7), 32, "channels_last", "shifted", "wb", "silu"),
+    ((2, 30, 4, 4), 5, "contiguous", "mean100", "ss", None),
+    ((1, 64, 1, 1), 16, "contiguous", "shifted", "wbss", "silu"),
+    ((5, 12), 4, "contiguous", "centred", "wbss", None),
+    ((2, 16, 6), 4, "contiguous", "shifted", "", "silu"),
+    ((2, 256, 8, 8), 1, "channels_last", "mean100", "wbss", "silu"),
+]
+
+
+def case_id(case):
+    shape, g, layout, kind, params, act = case
+    return f"{'x'.join(map(str, shape))}-g{g}-{layout}-{kind}-{params or 'noparams'}-{act}"
+
+
+@pytest.fixture(params=[pytest.param(p, id=f"{p[0]}-{p[1]}", marks=[pytest.mark.cuda] if p[0] == "cuda" else [])
+                        for p in [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"), ("cuda", "reference"),
+                                  ("cuda", "cuda"), ("cuda", "triton")]])
+def pair(request):
+    return require_pair(request.param, OP)
+
+
+def make_args(case, dtype, device, seed=0):
+    shape, groups, layout, kind, params, act = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = {"shifted": -2.3 + 0.5 * x, "centred": x, "mean100": 100 + x}[kind]
+    x = x.to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, c = shape[:2]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32   # ADM keeps norm parameters in fp32
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, pdtype)  # noqa: E731
+    w = 1 + 0.3 * rand(c) if "wb" in params else None
+    b = 0.3 * rand(c) if "wb" in params else None
+    scale = 0.5 * rand(n, c).to(dtype if dtype != torch.float64 else pdtype) if "ss" in params else None
+    shift = 0.5 * rand(n, c).to(dtype if dtype != torch.float64 else pdtype) if "ss" in params else None
+    return x, w, b, groups, 1e-5, scale, shift, act
+
+
+def as64(args):
+    return [a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def ref_forward(args):
+    x, w, b, groups, eps, scale, shift, act = as64(args)
+    return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))
+
+
+def skip_unsupported(pair, dtype):
+    if dtype == torch.float64 and pair[1] in ("triton", "cuda"):
+        pytest.skip("float64 runs on the reference and C++ CPU backends only")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_matches_oracle(pair, dtype, case):
+    skip_unsupported(pair, dtype)
+    args = make_args(case, dtype, pair[0])
+    with use_pair(pair):
+        y, mean, rstd = torch.ops.adv_dpm.group_norm_act(*args)
+    ref_y, ref_mean, ref_rstd = ref_forward(args)
+    assert y.dtype == dtype and y.device.type == pair[0]
+    assert_within_budget("y", y.cpu(), ref_y, eager.group_norm_act(*args).cpu())
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == rstd.dtype == stats_dtype and mean.shape == (case[0][0], case[1])
+    # statistics of the rounded input: the kernel sees x in its dtype
+    ref_mean, ref_rstd = ref_forward([args[0].double()] + list(args[1:]))[1:]
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(mean.cpu().double(), ref_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(rstd.cpu().double(), ref_rstd, rtol=tol * 10, atol=tol)
+    if args[0].dim() == 4 and args[0].is_contiguous(memory_format=torch.channels_last):
+        assert y.is_contiguous(memory_format=torch.channels_last), "output lost the input's layout"
+
+
+def grads_of(fn, args, grad_y):
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    y = fn(*leaves)
+    inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
+    return torch.autograd.grad(y, inputs, grad_y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backward_matches_autograd_of_oracle(pair, dtype, case):
+    skip_unsupported(pair, dtype)
+    if is_interpreted(pair) and dtype != torch.float32 and case is not CASES[1]:
+        pytest.skip("the interpreter is slow: low precision is covered by one case")
+    args = make_args(case, dtype, pair[0])
+    g = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(case[0], generator=g).to(pair[0], dtype)
+    if grad_y.dim() == 4 and case[2] == "contiguous":   # upstream gradient in the other layout
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    with use_pair(pair):
+        got = grads_of(group_norm_act, args, grad_y)
+
+    def ref_fn(x, w, b, groups, eps, scale, shift, act):
+        return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))[0]
+    ref = grads_of(ref_fn, as64(args), grad_y.double().cpu())
+    base = grads_of(eager.group_norm_act, args, grad_y)
+    names = [n for n, a in zip(["x", "weight", "bias", "", "", "scale", "shift"], args) if isinstance(a, torch.Tensor)]
+    for name, out, r, b in zip(names, got, ref, base):
+        assert out.dtype == b.dtype or name != "x"
+        assert_within_budget(f"grad_{name}", out.cpu().to(b.dtype), r, b.cpu())
+
+
+@pytest.mark.parametrize("act", ["silu", None])
+def test_gradcheck_float64(pair, act):
+    if pair[1] in ("triton", "cuda"):
+        pytest.skip("float64 runs on the reference and C++ CPU backends only")
+    args = make_args(((2, 6, 3, 4), 3, "channels_last", "shifted", "wbss", act), torch.float64, pair[0])
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    with use_pair(pair):
+        assert torch.autograd.gradcheck(group_norm_act, leaves)
+
+
+def test_opcheck(pair):
+    args = make_args(CASES[1], torch.float32, pair[0])
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    with use_pair(pair):
+        torch.library.opcheck(torch.ops.adv_dpm.group_norm_act.default, tuple(leaves))
+        x, w, b, groups, eps, scale, shift, act = args
+        _, mean, rstd = torch.ops.adv_dpm.group_norm_act(*args)
+        grad_y = torch.randn_like(x).contiguous()
+        torch.library.opcheck(torch.ops.adv_dpm.group_norm_act_backward.default,
+                              (grad_y, x, mean, rstd, w, b, scale, shift, groups, act))
+        torch.library.opcheck(torch.ops.adv_dpm.group_norm_act_backward.default,
+                              (grad_y, x, mean, rstd, None, None, None, None, groups, None))
+
+
+def test_backward_is_deterministic(pair):
+    args = make_args(((4, 64, 16, 16), 32, "channels_last", "shifted", "wbss", "silu"), torch.float32, pair[0])
+    grad_y = torch.randn_like(args[0])
+    with use_pair(pair):
+        first, second = grads_of(group_norm_act, args, grad_y), grads_of(group_norm_act, args, grad_y)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autocast_keeps_the_input_dtype_like_groupnorm32():
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    w, b = torch.ones(8), torch.zeros(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = group_norm_act(x, w, b, 4)
+        y32 = group_norm_act(x.float(), w, b, 4)
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+
+
+def test_strides_the_kernels_cannot_take_fall_back_to_the_reference():
+    x = torch.randn(2, 8, 4, 8)[:, :, ::2, :4]   # rows of a wider image: H, W do not collapse into one
+    assert backend.select(x, OP, "problem") == "reference"
+    y = group_norm_act(x, None, None, 4)
+    torch.testing.assert_close(y, eager.group_norm_act(x, None, None, 4))
+    if backend.unavailable("cpu", "cpu", OP) is None:
+        with use_backend("cpu"), pytest.raises(RuntimeError, match="spatial dims of x .* do not collapse"):
+            group_norm_act(x, None, None, 4)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(num_groups=5), ValueError, r"num_groups must be a positive divisor of the channel count C=32, got 5"),
+    (dict(scale=torch.randn(4, 16)), ValueError, r"scale must have shape \(4, 32\) \(\(N, C\)\), got \(4, 16\)"),
+    (dict(weight=torch.randn(31)), ValueError, r"weight must have shape \(32,\)"),
+    (dict(bias=torch.ones(32, dtype=torch.int64)), TypeError, r"bias must be a floating-point tensor"),
+    (dict(shift=torch.randn(4, 32, device="meta")), ValueError, r"shift must be on the device of x"),
+    (dict(x=torch.ones(4, 32, 8, 8, dtype=torch.int32)), TypeError, r"x must be a floating-point tensor"),
+    (dict(act="relu"), ValueError, r"act must be 'silu' or None, got 'relu'"),
+    (dict(eps=-1.0), ValueError, r"eps must be a number >= 0"),
+])
+def test_bad_input_names_the_argument(change, error, match):
+    args = dict(zip(["x", "weight", "bias", "num_groups", "eps", "scale", "shift", "act"],
+                    make_args(CASES[0], torch.float32, "cpu")))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        group_norm_act(**args)
