@@ -117,8 +117,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default=None, help="comma-separated (default float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="the CPU target shape only")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32" if args.device == "cpu" else "bfloat16")).split(",")]
     shapes = (CPU_SHAPES if args.device == "cpu" else GPU_SHAPES)[:1 if args.quick else None]
     meta = common.machine(args.device)

@@ -115,8 +115,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default=None, help="comma-separated (default float32 on CPU, "
                                                        "float32,bfloat16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS), help="results folder")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = args.dtypes or ("float32" if args.device == "cpu" else "float32,bfloat16")
     dtypes = [getattr(torch, d) for d in dtypes.split(",")]
     shapes = ["cifar10"] if args.quick else list(SHAPES)

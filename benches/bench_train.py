@@ -50,8 +50,11 @@ def main(argv=None):
     parser.add_argument("--precision", default=None)
     parser.add_argument("--batches", type=int, default=None, help="batches per timing")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     model = args.model or ("cifar10" if gpu else "digits-tiny")
     data = args.data or ("npz:" + str(random_npz(3, 32)) if gpu else "digits")

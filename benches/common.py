@@ -6,16 +6,25 @@ the op's minimal-bytes model (each input read once, each output written once) ov
 median time, and "of copy" divides it by the bandwidth of a same-size copy measured in the
 same run, the practical ceiling of a memory-bound op.
 """
-import datetime
-import json
 import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
-import torch
-import torch.utils.benchmark as tb
+# Inductor compiles in a pool of worker processes that keep the CPU busy after compiling and
+# stall the timed threads on a small machine; compile in-process instead.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Idle OpenMP threads spin, and on a 2-core machine the spinning team of one provider (eager,
+# inductor's code, our kernels) stalls the next one's threads by whole scheduler quanta (8 ms
+# steps were measured here); passive waiting keeps the providers independent.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.utils.benchmark as tb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,7 +81,7 @@ def machine(device):
         commit = None
     return {"device": name, "device_type": device, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "commit": commit}
+            "python": platform.python_version(), "commit": commit, "threads": torch.get_num_threads()}
 
 
 def write_atomic(path, text):
@@ -99,6 +108,8 @@ def markdown_table(rows, columns):
 def save(name, meta, rows, columns, out_dir=RESULTS):
     """benches/results/<name>-<device>-<date>.{json,md}; returns the markdown path."""
     tag = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip()).strip("-").lower()
+    if meta["device_type"] == "cpu":
+        tag += f"-{meta['threads']}t"
     stem = Path(out_dir) / f"{name}-{tag}-{meta['date']}"
     write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"# {name}\n\n{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
