@@ -366,7 +366,7 @@ class Trainer:
             return None
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 20 else None)
         ax.set(xlabel="optimizer update", ylabel="training loss", title=f"{self.cfg.mode} on {self.cfg.data}")
         ax.set_yscale("log")
         fig.tight_layout()
