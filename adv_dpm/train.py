@@ -7,11 +7,11 @@ training state lives in one file, ``<run_dir>/checkpoint.pt``, written atomicall
 boundaries; a run restarted with the same run_dir resumes from it and continues the same
 trajectory.
 """
+import contextlib
 import copy
 import csv
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -233,7 +233,7 @@ class Trainer:
         for j, m in enumerate(micro):
             x_in, target = m["perturbation"].inputs()
             sync = update_parameters and j == len(micro) - 1
-            context = self.ddp.no_sync() if self.world > 1 and not sync else _null()
+            context = self.ddp.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
             with context, self._autocast():
                 out = self.forward(x_in, m["t"], m["y"])
             terms = diffusion_loss(self.schedule, out.float(), x_in, m["x0"], m["t"], target, self.learn_sigma)
@@ -373,14 +373,6 @@ class Trainer:
         fig.savefig(self.run_dir / "loss.png", dpi=120)
         plt.close(fig)
         return self.run_dir / "loss.png"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(config: TrainConfig):
