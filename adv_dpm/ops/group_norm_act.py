@@ -6,7 +6,6 @@ output; the backward saves only x and the fp32 (N, G) mean and rstd and recomput
 Statistics are fp32 and the output keeps x's dtype, as ADM's GroupNorm32 does, also under
 autocast (the op registers no autocast rule, so x is not cast).
 """
-import math
 from typing import Optional
 
 import torch
