@@ -57,14 +57,14 @@ def cpu_simd() -> str:
 
 def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
+    cxx = ["-O3", "-fvisibility=hidden", *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
     link = openmp_flags()
     if not cuda_wanted():
         return cpp_extension.CppExtension("adv_dpm._C", sources, extra_compile_args={"cxx": cxx},
                                           extra_link_args=link, py_limited_api=True)
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     arches = os.environ.get("ADV_DPM_CUDA_ARCH", "80;90").split(";")
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]  # the C++ standard: torch's default for its version
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
     return cpp_extension.CUDAExtension("adv_dpm._C", sources, define_macros=[("ADV_DPM_WITH_CUDA", None)],
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,

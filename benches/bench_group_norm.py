@@ -78,8 +78,7 @@ def passes(fn, x, p, grad_y):
     return {"fwd": lambda: call(fn, x, p), "bwd": bwd(), "fwd+bwd": both}
 
 
-def bench(shapes, dtypes, device, min_run_time):
-    rows = []
+def bench(rows, shapes, dtypes, device, min_run_time):
     ours = [b for b in ("cpu", "cuda", "triton") if backend.unavailable(b, device, "group_norm_act") is None
             and not (b == "triton" and device == "cpu")]
     for shape in shapes:
@@ -109,7 +108,6 @@ def bench(shapes, dtypes, device, min_run_time):
                     row["vs_eager"] = times["ADM eager"] / (row["us"] / 1e6)
                     row["vs_compile"] = times["compile"] / (row["us"] / 1e6)
                 print(common.markdown_table(rows[-len(providers):], COLUMNS).split("\n", 2)[2], flush=True)
-    return rows
 
 
 def main(argv=None):
@@ -127,7 +125,8 @@ def main(argv=None):
     meta = common.machine(args.device)
     print(f"# group_norm_act on {meta['device']} (torch {meta['torch']}), {GROUPS} groups, scale/shift + SiLU\n")
     print(common.markdown_table([], COLUMNS))
-    rows = bench(shapes, dtypes, args.device, min_run_time=0.5 if args.device == "cpu" else 0.2)
+    min_run_time = 0.5 if args.device == "cpu" else 0.1
+    rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
     path = common.save("bench_group_norm" + ("-quick" if args.quick else ""), meta, rows, COLUMNS, args.out)
     print(f"\nresults: {path} (and .json)")
 

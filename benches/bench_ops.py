@@ -82,8 +82,7 @@ def kernel_backends(device):
     return [b for b in ours if not (b == "triton" and device == "cpu")]  # the interpreter is no benchmark
 
 
-def bench(shape_names, dtypes, device, min_run_time):
-    rows = []
+def bench(rows, shape_names, dtypes, device, min_run_time):
     for shape_name in shape_names:
         shape = SHAPES[shape_name]
         for dtype in dtypes:
@@ -106,7 +105,6 @@ def bench(shape_names, dtypes, device, min_run_time):
                     row["vs_eager"] = times["eager"] / (row["us"] / 1e6)
                     row["vs_compile"] = times["compile"] / (row["us"] / 1e6)
                 print(common.markdown_table(rows[-len(providers):], COLUMNS).split("\n", 2)[2], flush=True)
-    return rows
 
 
 def main(argv=None):
@@ -126,7 +124,9 @@ def main(argv=None):
     meta = common.machine(args.device)
     print(f"# fused ops on {meta['device']} (torch {meta['torch']}); medians of repeated runs\n")
     print(common.markdown_table([], COLUMNS))
-    rows = bench(shapes, dtypes, args.device, min_run_time=0.3 if args.quick else 1.0)
+    # CUDA launches are microseconds: a short run already holds thousands of them.
+    min_run_time = 0.2 if args.device == "cuda" else 0.3 if args.quick else 1.0
+    rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
     path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, COLUMNS, args.out)
     print(f"\nresults: {path} (and .json)")
 

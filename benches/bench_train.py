@@ -49,7 +49,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--precision", default=None)
     parser.add_argument("--batches", type=int, default=None, help="batches per timing")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="timings per case (default 5 on CPU, 3 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
@@ -61,30 +61,35 @@ def main(argv=None):
     batch = args.batch or (128 if gpu else 64)
     precision = args.precision or ("bf16" if gpu else "fp32")
     batches = args.batches or (4 if gpu else 6)
+    args.repeats = args.repeats or (3 if gpu else 5)
     meta = common.machine(args.device)
     print(f"# training step on {meta['device']}: {model}, batch {batch}, {precision}; medians of {args.repeats}\n")
     print(common.markdown_table([], COLUMNS))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for ops, backend in [("fused", None), ("plain", "reference")]:
+
+    def fill(rows):
+        with tempfile.TemporaryDirectory() as tmp:
             for mode in ("standard", "free_at", "pgd_at"):
-                torch.manual_seed(0)
-                cfg = TrainConfig(data=data, model=model, mode=mode, adv_steps=3, batch_size=batch,
-                                  precision=precision, device=args.device, run_dir=f"{tmp}/{ops}-{mode}",
-                                  channels_last=gpu)
-                with use_backend(backend):
-                    trainer = Trainer(cfg)
-                    sec = time_per_update(trainer, batches, args.repeats)
-                    peak = common.peak_memory(trainer.train_batch, args.device)
-                rows.append(dict(model=model, mode=mode, ops=ops, ms_per_update=sec * 1e3,
-                                 peak_mib=None if peak is None else peak / 2**20))
-                del trainer
+                for ops, backend in [("fused", None), ("plain", "reference")]:
+                    torch.manual_seed(0)
+                    cfg = TrainConfig(data=data, model=model, mode=mode, adv_steps=3, batch_size=batch,
+                                      precision=precision, device=args.device, run_dir=f"{tmp}/{ops}-{mode}",
+                                      channels_last=gpu)
+                    with use_backend(backend):
+                        trainer = Trainer(cfg)
+                        sec = time_per_update(trainer, batches, args.repeats)
+                        peak = common.peak_memory(trainer.train_batch, args.device)
+                    rows.append(dict(model=model, mode=mode, ops=ops, ms_per_update=sec * 1e3,
+                                     peak_mib=None if peak is None else peak / 2**20))
+                    print(f"{ops} {mode}: {sec * 1e3:.2f} ms / update", flush=True)
+                    del trainer
+
+    rows = common.measure(fill, meta)
+    time_of = {(r["ops"], r["mode"]): r["ms_per_update"] for r in rows}
     for row in rows:
-        same_ops = {r["mode"]: r for r in rows if r["ops"] == row["ops"]}
-        plain = next(r for r in rows if r["ops"] == "plain" and r["mode"] == row["mode"])
-        row["vs_standard"] = row["ms_per_update"] / same_ops["standard"]["ms_per_update"]
-        row["fused_speedup"] = plain["ms_per_update"] / row["ms_per_update"]
-        print(common.markdown_table([row], COLUMNS).split("\n", 2)[2], flush=True)
+        standard, plain = time_of.get((row["ops"], "standard")), time_of.get(("plain", row["mode"]))
+        row["vs_standard"] = standard and row["ms_per_update"] / standard
+        row["fused_speedup"] = plain and plain / row["ms_per_update"]
+    print(common.markdown_table(rows, COLUMNS), flush=True)
     path = common.save("bench_train", meta, rows, COLUMNS, args.out)
     print(f"\nresults: {path} (and .json)")
 

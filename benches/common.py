@@ -9,8 +9,9 @@ same run, the practical ceiling of a memory-bound op.
 import os
 
 # Inductor compiles in a pool of worker processes that keep the CPU busy after compiling and
-# stall the timed threads on a small machine; compile in-process instead.
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# stall the timed threads on a small machine; there, compile in-process instead.
+if (os.cpu_count() or 1) <= 4:
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # Idle OpenMP threads spin, and on a 2-core machine the spinning team of one provider (eager,
 # inductor's code, our kernels) stalls the next one's threads by whole scheduler quanta (8 ms
 # steps were measured here); passive waiting keeps the providers independent.
@@ -105,6 +106,18 @@ def markdown_table(rows, columns):
     return "\n".join([head, rule, *body])
 
 
+def measure(fill, meta):
+    """rows that ``fill(rows)`` appends; interrupted (Ctrl-C, ``timeout -s INT``), the rows
+    measured so far, with ``meta['partial'] = True``."""
+    rows = []
+    try:
+        fill(rows)
+    except KeyboardInterrupt:
+        meta["partial"] = True
+        print("\ninterrupted: keeping the rows measured so far", flush=True)
+    return rows
+
+
 def save(name, meta, rows, columns, out_dir=RESULTS):
     """benches/results/<name>-<device>-<date>.{json,md}; returns the markdown path."""
     tag = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip()).strip("-").lower()
@@ -113,6 +126,7 @@ def save(name, meta, rows, columns, out_dir=RESULTS):
     stem = Path(out_dir) / f"{name}-{tag}-{meta['date']}"
     write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"# {name}\n\n{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
-              f"CUDA {meta['cuda']}, commit {meta['commit']}\n\n")
+              f"CUDA {meta['cuda']}, commit {meta['commit']}"
+              f"{' (interrupted: partial)' if meta.get('partial') else ''}\n\n")
     write_atomic(stem.with_suffix(".md"), header + markdown_table(rows, columns) + "\n")
     return stem.with_suffix(".md")

@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a machine with a CUDA build of torch and a GPU:
-# build adv_dpm._C with its CUDA kernels, run the test suite (CUDA tests included, Triton on
-# the GPU), run the GPU benchmarks. Everything lands in the folder given (default
-# benches/results/gpu): gpu_check.log (every step's output, then a summary) and the
-# benchmarks' <name>-<device>-<date>.{md,json}. (Few files: a device call returns at most 8.)
-# Usage: bash benches/gpu_check.sh [OUT_DIR]      (about 5 minutes on an H100)
+# build adv_dpm._C with its CUDA kernels, run the CUDA tests (CUDA C++ and Triton on the GPU),
+# run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
+# gpu_check.log (every step's output, then a summary) and the benchmarks'
+# <name>-<device>-<date>.{md,json}. (Few files: a device call returns at most 8.)
+# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests gn train ops"); a benchmark
+# stopped at its limit keeps the rows it measured. About 8 minutes on an H100.
+# Usage: bash benches/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+read -r T_BUILD T_TESTS T_GN T_TRAIN T_OPS <<<"${GPU_CHECK_LIMITS:-240 150 120 120 90}"
 status=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
 summary=""
-step() {  # step NAME CMD...: run and log, remember a failure, go on
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$LOG"
+step() {  # step NAME LIMIT CMD...: run under a time limit and log; remember a failure, go on
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  "$@" 2>&1 | tee -a "$LOG"
+  timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  summary+="$name: exit $rc in $((SECONDS - t0)) s"$'\n'
+  summary+="$name: exit $rc in $((SECONDS - t0)) s$([ "$rc" -eq 124 ] && echo ' (time limit)')"$'\n'
   [ "$rc" -eq 0 ] || status=1
+  return "$rc"
 }
-step build env ADV_DPM_BUILD_CUDA=1 MAX_JOBS=16 "$PY" setup.py -q build_ext --inplace
-step info "$PY" -m adv_dpm.cli info
-step tests env ADV_DPM_REQUIRE_BACKENDS=cpu,cuda,triton "$PY" -m pytest -q -p no:cacheprovider tests
-step bench_ops "$PY" benches/bench_ops.py --device cuda --out "$OUT"
-step bench_group_norm "$PY" benches/bench_group_norm.py --device cuda --out "$OUT"
-step bench_train "$PY" benches/bench_train.py --device cuda --out "$OUT"
-printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$LOG"
-exit $status
+finish() { printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$LOG"; exit $status; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee -a "$LOG"
+step build "$T_BUILD" env ADV_DPM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace || finish
+step info 60 "$PY" -m adv_dpm.cli info
+workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
+step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+    --durations=10 --continue-on-collection-errors $workers tests
+step bench_group_norm "$T_GN" "$PY" benches/bench_group_norm.py --device cuda --out "$OUT"
+step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
+step bench_ops "$T_OPS" "$PY" benches/bench_ops.py --device cuda --out "$OUT"
+finish
