@@ -83,6 +83,7 @@ def bench(rows, shapes, dtypes, device, min_run_time):
             and not (b == "triton" and device == "cpu")]
     for shape in shapes:
         for dtype in dtypes:
+            torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no stale graphs
             x, p, grad_y = inputs(shape, dtype, device)
             n = x.numel() * x.element_size()
             providers = {"ADM eager": (None, eager.group_norm_act), "eager in dtype": (None, eager.group_norm_act_native),

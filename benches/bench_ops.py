@@ -86,6 +86,7 @@ def bench(rows, shape_names, dtypes, device, min_run_time):
     for shape_name in shape_names:
         shape = SHAPES[shape_name]
         for dtype in dtypes:
+            torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no stale graphs
             t = inputs(shape, dtype, device)
             for op, (nbytes, factory, ours, composite) in cases(t).items():
                 copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)

@@ -33,7 +33,11 @@ finish() { printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$L
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$LOG"
-step build "$T_BUILD" env ADV_DPM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace || finish
+# As `make build` does: an editable install (it maps kernels/ to adv_dpm.kernels), then the
+# extension in place (the objects are shared, so the second build only links).
+export ADV_DPM_BUILD_CUDA=1 MAX_JOBS="$(nproc)"
+step build "$T_BUILD" bash -c "'$PY' -m pip install -q --no-build-isolation --no-deps --no-index -e . &&
+                               '$PY' setup.py -q build_ext --inplace" || finish
 step info 60 "$PY" -m adv_dpm.cli info
 workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
 step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -q -p no:cacheprovider -m cuda \
