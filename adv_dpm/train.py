@@ -61,6 +61,7 @@ class TrainConfig:
     num_samples: int = 64
     sample_method: str = "ddim"
     sample_steps: int = 20
+    tensorboard: bool = True             # also log to <run_dir>/tensorboard when tensorboard is installed
     run_dir: str = "runs/default"
     init_from: str = ""                  # fine-tune: weights (EMA-free model state) of this checkpoint
     seed: int = 0
@@ -132,6 +133,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.noise = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.step = 0
+        self.tb = None
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
                                                                else [self.device.index])
                     if self.world > 1 else self.model)
@@ -293,6 +295,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        self.tb = self._tensorboard()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=cfg.mode, unit="update")
         window, start, last_save = [], time.perf_counter(), self.step
         while self.step < cfg.total_steps:
@@ -311,14 +314,30 @@ class Trainer:
                 self.save()
                 last_save = self.step
         bar.close()
+        if self.tb is not None:
+            self.tb.close()
         self.save()
         self.sample_grid()
         self.plot_losses()
         return self.run_dir
 
+    def _tensorboard(self):
+        """A SummaryWriter into <run_dir>/tensorboard (rank 0), or None when off or not installed."""
+        if self.rank != 0 or not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+
     def _write_metrics(self, row):
         if self.rank != 0:
             return
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "time"):
+                    self.tb.add_scalar(f"train/{key}", value, row["step"])
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         path = self.run_dir / "metrics.csv"

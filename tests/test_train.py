@@ -90,6 +90,47 @@ def test_fine_tuning_loads_weights_with_a_fresh_optimizer(tmp_path):
     assert tuned.step == 0 and not tuned.optimizer.state
 
 
+def test_fp16_trains_with_a_grad_scaler_that_is_resumed(tmp_path):
+    cfg = config(tmp_path, mode="free_at", precision="fp16", total_steps=6, save_interval=3)
+    trainer = Trainer(cfg)
+    assert trainer.scaler.is_enabled()
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    resumed = Trainer(cfg)
+    assert resumed.step == 6 and resumed.scaler.get_scale() == trainer.scaler.get_scale()
+
+
+def test_compiled_model_follows_the_eager_trajectory(tmp_path):
+    runs = [Trainer(config(tmp_path / str(c), mode="free_at", total_steps=3, compile=c)) for c in (False, True)]
+    for trainer in runs:
+        trainer.train()
+    for eager, compiled in zip(*(t.model.parameters() for t in runs)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def close(self):
+            calls.append(("close",))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    Trainer(config(tmp_path, mode="standard", total_steps=4)).train()
+    assert calls[0] == ("open", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    assert ("train/loss", 2) in calls and ("train/loss", 4) in calls and ("train/updates_per_s", 4) in calls
+    calls.clear()
+    Trainer(config(tmp_path / "off", mode="standard", total_steps=2, tensorboard=False)).train()
+    assert calls == []
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="mode must be one of"):
         config(tmp_path, mode="adversarial")
