@@ -1,8 +1,9 @@
-"""The `adv-dpm` command: train, sample, info."""
+"""The `adv-dpm` command: train, sample, evaluate, reproduce, info."""
 import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -102,6 +103,38 @@ def sample(args):
     print(f"samples: {out.with_suffix('.npz')}" + (f" and {out.with_suffix('.png')}" if x.dim() == 4 else ""))
 
 
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def evaluate(args):
+    """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
+    from .evaluate import evaluate as run
+    out = args.out or str(Path(args.checkpoint).parent / "eval")
+    try:
+        rows = run(args.checkpoint, samplers=[s for s in args.samplers.split(",") if s], nfes=args.nfes,
+                   num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
+                   exposure=args.exposure, robustness_budget=args.robustness, inception=args.inception,
+                   feature_cache=args.feature_cache, ema=args.ema,
+                   batch_size=args.batch_size, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"adv-dpm evaluate: {e}")
+    print(f"{len(rows)} cells: {out}/results.md (results.csv, results.json, *_vs_nfe.png)")
+
+
+def reproduce(args):
+    """The paper's protocol at laptop scale (pretrain, four fine-tunes, grid evaluation, report); resumable."""
+    from .reproduce import reproduce as run
+    try:
+        result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"adv-dpm reproduce: {e}")
+    print(f"report: {result['report']}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="adv-dpm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,7 +161,35 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png")
     p.set_defaults(run=sample)
 
+    from .evaluate import ES_LAMBDA, PAPER_NFES, SAMPLERS
+    p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
+    p.add_argument("checkpoint", help="checkpoint.pt of a training run (its EMA weights are evaluated)")
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated, some of %(default)s")
+    p.add_argument("--nfes", type=_int_list, default=list(PAPER_NFES), help="comma-separated (default: the paper's)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--es-lambda", type=float, default=ES_LAMBDA, help="epsilon scaling of 'ddpm-es'")
+    p.add_argument("--exposure", action="store_true", help="add the exposure-bias ratio (mean over steps)")
+    p.add_argument("--robustness", type=float, default=None, metavar="BUDGET",
+                   help="add the primary metric under random and adversarial input perturbation of this L2 budget")
+    p.add_argument("--inception", default=None, metavar="PATH", help="local TorchScript FID Inception: adds 'fid'")
+    p.add_argument("--feature-cache", default=None, help="folder of the cached feature network")
+    p.add_argument("--ema", type=float, default=None, help="EMA rate to use (default: the run's first)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+    p.set_defaults(run=evaluate)
+
+    p = sub.add_parser("reproduce", help=reproduce.__doc__, description=reproduce.__doc__)
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
+    p.add_argument("--data", default="both", choices=["toy", "digits", "both"])
+    p.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>); rerun to resume")
+    p.add_argument("--nfes", type=_int_list, default=None, help="comma-separated NFEs (default: the preset's)")
+    p.set_defaults(run=reproduce)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     args.run(args)
     return 0
 

@@ -298,17 +298,23 @@ class Trainer:
         self.tb = self._tensorboard()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=cfg.mode, unit="update")
         window, start, last_save = [], time.perf_counter(), self.step
+        def crossed(interval, before):   # did the last batch's updates pass a multiple of interval?
+            return interval and self.step // interval != before // interval
+
+        updates_in_window = 0
         while self.step < cfg.total_steps:
+            before = self.step
             loss, skipped = self.train_batch()
             window.append(loss)
-            bar.update(cfg.replays)
+            updates_in_window += self.step - before
+            bar.update(self.step - before)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if self.step // cfg.log_interval != (self.step - cfg.replays) // cfg.log_interval:
+            if crossed(cfg.log_interval, before):
                 elapsed = time.perf_counter() - start
                 self._write_metrics({"step": self.step, "loss": sum(window) / len(window), "skipped": skipped,
-                                     "updates_per_s": len(window) * cfg.replays / elapsed, "time": time.time()})
-                window, start = [], time.perf_counter()
-            if cfg.sample_interval and self.step // cfg.sample_interval != (self.step - cfg.replays) // cfg.sample_interval:
+                                     "updates_per_s": updates_in_window / elapsed, "time": time.time()})
+                window, start, updates_in_window = [], time.perf_counter(), 0
+            if crossed(cfg.sample_interval, before):
                 self.sample_grid()
             if self.step - last_save >= cfg.save_interval:
                 self.save()

@@ -62,6 +62,15 @@ def test_updates_per_batch(tmp_path, mode, updates):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+@pytest.mark.parametrize("mode", ["standard", "free_at", "pgd_at"])
+def test_metrics_are_logged_at_multiples_of_the_log_interval(tmp_path, mode):
+    trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3, total_steps=6, log_interval=2))
+    trainer.train()
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    logged = [int(r.split(",")[0]) for r in rows]
+    assert logged == ([2, 4, 6] if mode != "free_at" else [3, 6])   # free AT: 3 updates per batch
+
+
 def test_resumed_run_continues_the_same_trajectory(tmp_path):
     straight = Trainer(config(tmp_path / "a", total_steps=12, mode="free_at", adv_target="delta",
                               schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))

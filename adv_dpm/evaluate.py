@@ -1,0 +1,329 @@
+"""Evaluate a checkpoint's EMA model over a grid of samplers x NFE (PAPER.md's evaluation grid).
+
+``evaluate(checkpoint, samplers=..., nfes=..., num_samples=..., seed=..., out_dir=...)`` draws
+``num_samples`` samples for every (sampler, NFE) cell from the same initial noise and scores
+them: ``toy_metrics`` on 2-D data, ``image_metrics`` in the feature space of a small classifier
+trained on the data set (``feature_extractor``; its held-out accuracy is reported) on images,
+optionally Inception FID, the exposure-bias ratio and the quality under perturbed model inputs.
+It returns one dict per cell and, with ``out_dir``, writes results.csv / .md / .json and one
+``<metric>_vs_nfe.png`` per metric, each file atomically.
+"""
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .diffusion import Schedule, sample
+from .models import build_model
+
+SAMPLERS = ("ddpm", "ddpm-es", "ddim", "dpm_solver++")
+PAPER_NFES = (5, 8, 10, 20, 50)
+ES_LAMBDA = 1.017          # the paper's CIFAR-10 epsilon scaling
+PRIMARY = {"toy": "swd", "image": "fd"}   # the headline metric of each kind of data (lower is better)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files, tables and plots (also used by adv_dpm.reproduce)
+# ---------------------------------------------------------------------------------------------
+
+def atomic_write(path, data):
+    """Write ``data`` (str or bytes) to ``path`` so that a crash leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path, obj):
+    return atomic_write(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_csv(path, rows, columns):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, buf.getvalue())
+
+
+def fmt(value):
+    """A table cell: floats to 4 significant digits."""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_vs_nfe(panels, path, ylabel, title=""):
+    """One subplot per panel, one line per label: ``panels`` = {panel: {label: [(nfe, mean, lo,
+    hi), ...]}} (lo / hi may be None: no band). Log-scaled NFE axis; PNG written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for label, points in lines.items():
+            points = sorted(points)
+            nfe = [p[0] for p in points]
+            ax.plot(nfe, [p[1] for p in points], marker="o", markersize=3, label=label)
+            if all(p[2] is not None and not math.isnan(p[2]) for p in points):
+                ax.fill_between(nfe, [p[2] for p in points], [p[3] for p in points], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({p[0] for pts in lines.values() for p in pts}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set(xlabel="NFE", title=panel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the grid
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module     # holding the EMA weights, eval mode
+    schedule: Schedule
+    config: dict               # the TrainConfig of the run, as a dict
+    learn_sigma: bool
+    step: int
+
+
+def load_checkpoint(path, ema=None, device="cpu"):
+    """The EMA model (rate ``ema``, default the run's first) of a trainer checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint: cannot read {path} ({e.__class__.__name__}: {e})") from e
+    if not isinstance(state, dict) or not {"config", "model_config", "model", "ema"} <= set(state):
+        raise ValueError(f"checkpoint: {path} is not an adv-dpm trainer checkpoint (checkpoint.pt of a run)")
+    if state["model_config"].get("num_classes"):
+        raise ValueError(f"checkpoint: {path} holds a class-conditional model; evaluate samples unconditionally")
+    rate = str(state["config"]["ema_rate"]).split(",")[0].strip() if ema is None else str(ema)
+    rates = {float(r): params for r, params in state["ema"].items()}
+    if float(rate) not in rates:
+        raise ValueError(f"ema: checkpoint {path} has EMA rates {sorted(rates)}, not {rate}")
+    model = build_model(state["model_config"]).to(device)
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), rates[float(rate)]):
+            p.copy_(e)
+    config = state["config"]
+    schedule = Schedule.named(config["noise_schedule"], config["diffusion_steps"])
+    return Loaded(model.eval(), schedule, config, bool(state["model_config"].get("learn_sigma", False)),
+                  int(state["step"]))
+
+
+def sampler_method(sampler, es_lambda=ES_LAMBDA):
+    """(method, keyword arguments of ``diffusion.sample``) of a grid sampler name."""
+    methods = {"ddpm": ("ddpm", {}), "ddpm-es": ("ddpm", {"es_lambda": es_lambda}), "ddim": ("ddim", {"eta": 0.0}),
+               "dpm_solver++": ("dpm_solver++", {})}
+    if sampler not in methods:
+        raise ValueError(f"samplers: unknown sampler {sampler!r}; expected some of {SAMPLERS}")
+    return methods[sampler]
+
+
+def check_grid(samplers, nfes, num_samples):
+    """Validate the grid arguments (a single sampler or NFE is allowed); errors name the argument."""
+    samplers = [samplers] if isinstance(samplers, str) else list(samplers)
+    nfes = [nfes] if isinstance(nfes, int) else list(nfes)
+    if not samplers:
+        raise ValueError("samplers: expected at least one of " + ", ".join(SAMPLERS))
+    for s in samplers:
+        sampler_method(s)
+    if not nfes:
+        raise ValueError("nfes: expected at least one NFE")
+    for n in nfes:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"nfes: every NFE must be an integer >= 1, got {n!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 4:
+        raise ValueError(f"num_samples: expected an integer >= 4, got {num_samples!r}")
+    return samplers, nfes
+
+
+def _draw(fn, loaded, shape, method, nfe, x_T, noise_seed, batch_size, trajectory=False, **kw):
+    """Samples from x_T in batches (the sampler's own noise seeded by ``noise_seed``); with
+    ``trajectory`` also the model inputs [(x_t, t)] concatenated over batches."""
+    g = torch.Generator(device=x_T.device).manual_seed(noise_seed)
+    outs, steps = [], []
+    for chunk in x_T.split(batch_size):
+        out = fn(lambda x, t: loaded.model(x, t), loaded.schedule, (len(chunk), *shape[1:]), method, nfe,
+                 learn_sigma=loaded.learn_sigma, generator=g, device=x_T.device, x_T=chunk,
+                 return_trajectory=trajectory, **kw)
+        if trajectory:
+            out, path = out
+            steps.append(path)
+        outs.append(out)
+    x = torch.cat(outs)
+    if not trajectory:
+        return x
+    return x, [(torch.cat([p[i][0] for p in steps]), steps[0][i][1]) for i in range(len(steps[0]))]
+
+
+class _Scorer:
+    """The metrics of one data set: toy_metrics, or image_metrics (+ optional Inception FD)."""
+
+    def __init__(self, data_spec, feature_cache, inception, batch_size, device, progress):
+        self.data = data_spec
+        self.kind = "toy" if data_spec.startswith("toy:") else "image"
+        self.extra = {}
+        if self.kind == "image":
+            self.net, accuracy = metrics.feature_extractor(data_spec, cache_dir=feature_cache, progress=progress,
+                                                           device=device)
+            self.real = metrics._train_test(data_spec)[1].x   # the held-out images the accuracy is measured on
+            self.extra = {"feature_acc": accuracy, "num_real": len(self.real)}
+        self.inception, self.batch_size = inception, batch_size
+        if inception:
+            self.real_inception = metrics.inception_features(self.real, inception, device=device)
+
+    @property
+    def primary(self):
+        return PRIMARY[self.kind]
+
+    def __call__(self, x, primary_only=False):
+        x = x.float().cpu()
+        if self.kind == "toy":
+            scores = metrics.toy_metrics(x, self.data)
+        else:
+            scores = metrics.image_metrics(x, self.real, self.net, batch_size=self.batch_size)
+            scores.pop("class_hist")
+        if primary_only:
+            return scores[self.primary]
+        if self.inception:
+            scores["fid"] = metrics.frechet_distance(metrics.inception_features(x, self.inception),
+                                                     self.real_inception)
+        return scores
+
+
+def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, seed=0, out_dir=None, *,
+             es_lambda=ES_LAMBDA, exposure=False, robustness_budget=None, inception=None, feature_cache=None,
+             ema=None, batch_size=1000, device="cpu", progress=True, plots=True):
+    """Score the EMA model of ``checkpoint`` on every (sampler, NFE) cell; returns one dict per
+    cell (checkpoint, mode, step, data, sampler, nfe, num_samples, seed, the metrics, seconds).
+
+    samplers: some of 'ddpm', 'ddpm-es' (ddpm with eps / ``es_lambda``), 'ddim' (eta 0),
+    'dpm_solver++'. Every cell starts from the same x_T (drawn from ``seed``) and, for ddpm,
+    the same ancestral noise stream: differences between cells are not sampling noise.
+    ``exposure`` adds 'exposure_ratio' (mean over the steps of ``metrics.exposure_bias``'s
+    ratio); ``robustness_budget`` adds the primary metric (swd on 2-D data, fd on images) under
+    'random' and 'adversarial' input perturbations of that budget (``metrics.robustness``);
+    ``inception`` (path of a local TorchScript FID Inception) adds 'fid'; ``feature_cache`` is
+    the folder of the cached feature network. With ``out_dir``: results.csv/.md/.json and, with
+    ``plots``, one PNG per metric.
+    """
+    samplers, nfes = check_grid(samplers, nfes, num_samples)
+    if robustness_budget is not None and not (robustness_budget >= 0 and math.isfinite(robustness_budget)):
+        raise ValueError(f"robustness_budget: expected a finite number >= 0, got {robustness_budget!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    loaded = load_checkpoint(checkpoint, ema, device)
+    if max(nfes) > loaded.schedule.num_timesteps:
+        raise ValueError(f"nfes: {max(nfes)} exceeds the checkpoint's {loaded.schedule.num_timesteps} diffusion steps")
+    spec = loaded.config["data"]
+    scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
+    shape = (num_samples, *_sample_shape(loaded))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    base = {"checkpoint": str(checkpoint), "mode": loaded.config["mode"], "step": loaded.step, "data": spec}
+    rows = []
+    cells = [(s, n) for s in samplers for n in nfes]
+    for sampler, nfe in tqdm(cells, desc="evaluate", unit="cell", disable=not progress):
+        method, kw = sampler_method(sampler, es_lambda)
+        start = time.perf_counter()
+        drawn = _draw(sample, loaded, shape, method, nfe, x_T, seed + 1, batch_size, trajectory=exposure, **kw)
+        x, trajectory = drawn if exposure else (drawn, None)
+        row = {**base, "sampler": sampler, "nfe": nfe, "num_samples": num_samples, "seed": seed, **scorer(x)}
+        if exposure:
+            ratios = [s["ratio"] for s in metrics.exposure_bias(trajectory, x, loaded.schedule)]
+            row["exposure_ratio"] = sum(ratios) / len(ratios)
+        if robustness_budget is not None:
+            for kind in ("random", "adversarial"):
+                xr = _draw(metrics.robustness, loaded, shape, method, nfe, x_T, seed + 1, batch_size,
+                           budget=robustness_budget, kind=kind, seed=seed + 2, **kw)
+                row[f"{scorer.primary}_{kind}"] = scorer(xr, primary_only=True)
+        row.update(scorer.extra)
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+    if out_dir is not None:
+        settings = {"checkpoint": str(checkpoint), "samplers": samplers, "nfes": nfes, "num_samples": num_samples,
+                    "seed": seed, "es_lambda": es_lambda, "exposure": exposure,
+                    "robustness_budget": robustness_budget, "inception": str(inception) if inception else None,
+                    "ema": ema}
+        write_results(out_dir, rows, settings, plots)
+    return rows
+
+
+def _sample_shape(loaded):
+    c = loaded.model.config
+    if c["arch"] == "mlp":
+        return (c["dim"],)
+    return (c["in_channels"], c["image_size"], c["image_size"])
+
+
+def metric_columns(rows):
+    """The metric columns present in ``rows``, in table order."""
+    fixed = {"checkpoint", "mode", "step", "data", "sampler", "nfe", "num_samples", "seed", "seconds", "feature_acc",
+             "num_real", "modes_total"}
+    seen = []
+    for r in rows:
+        seen += [k for k in r if k not in fixed and k not in seen and isinstance(r[k], (int, float))]
+    return seen
+
+
+def write_results(out_dir, rows, settings, plots=True):
+    """results.csv, results.md, results.json and (``plots``) <metric>_vs_nfe.png under ``out_dir``."""
+    out = Path(out_dir)
+    columns = ["mode", "step", "data", "sampler", "nfe", "num_samples", "seed", *metric_columns(rows)]
+    columns += [c for c in ("modes_total", "feature_acc", "num_real") if c in rows[0]] + ["seconds", "checkpoint"]
+    write_csv(out / "results.csv", rows, columns)
+    write_json(out / "results.json", {"settings": settings, "rows": rows})
+    r0 = rows[0]
+    lines = [f"# Evaluation of {settings['checkpoint']}\n",
+             f"{r0['mode']} model, step {r0['step']}, data {r0['data']}; {settings['num_samples']} samples per cell, "
+             f"seed {settings['seed']}, ES lambda {settings['es_lambda']}.\n"]
+    if "feature_acc" in r0:
+        lines.append(f"Image metrics in the feature space of a classifier trained on {r0['data']} "
+                     f"(held-out accuracy {r0['feature_acc']:.3f}), against {r0['num_real']} held-out images.\n")
+    table_cols = ["sampler", "nfe", *metric_columns(rows), "seconds"]
+    lines.append(markdown_table(rows, table_cols))
+    for metric in metric_columns(rows) if plots else []:
+        lines.append(f"![{metric}]({metric}_vs_nfe.png)\n")
+        lines_by_sampler = {}
+        for r in rows:
+            lines_by_sampler.setdefault(r["sampler"], []).append((r["nfe"], float(r[metric]), None, None))
+        plot_vs_nfe({f"{r0['mode']} ({r0['data']})": lines_by_sampler}, out / f"{metric}_vs_nfe.png", metric)
+    atomic_write(out / "results.md", "\n".join(lines))

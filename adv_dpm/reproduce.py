@@ -1,0 +1,410 @@
+"""The paper's protocol at laptop scale, in one resumable command (``adv-dpm reproduce``).
+
+For each data set (2-D 'rings' with the MLP, the bundled 8x8 digits with the small UNet):
+  (a) pretrain a standard model (once; as the paper fine-tunes one standard checkpoint);
+  (b) for each seed, fine-tune it (``init_from``: weights only, fresh optimizer) for the same number of
+      optimizer updates in four ways: standard, DDPM-IP (gamma 0.1), free AT and PGD AT
+      (PAPER.md defaults: K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach). Free AT
+      takes K updates per batch, so it sees 1/K as many batches; PGD AT one update per K passes;
+  (c) evaluate each fine-tuned EMA model with DDPM, DDPM-ES, DDIM and DPM-Solver++ at the
+      paper's NFEs (``adv_dpm.evaluate``), from the same initial noise for the four methods;
+  (d) aggregate over seeds (mean, 95% t interval) and compare free AT with standard training,
+      DDPM-IP and ES by a paired t test over seeds (the four fine-tunes of a seed share the
+      pretrained weights, the batch order, the noise draws and the evaluation noise).
+
+Everything lands in the output folder: report.md, results.csv (one row per seed and cell),
+summary.csv (means and intervals), comparisons.csv, results.json, plots/*.png. Every training
+and evaluation writes its result atomically and is skipped when the command is run again, so
+a killed run resumes where it stopped (a training resumes from its own checkpoint).
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .evaluate import (PRIMARY, SAMPLERS, atomic_write, evaluate, fmt, markdown_table, metric_columns, plot_vs_nfe,
+                       write_csv, write_json)
+from .train import TrainConfig, train
+
+METHODS = {   # fine-tuning variants: name -> (label, TrainConfig settings)
+    "standard": ("standard", dict(mode="standard")),
+    "ip": ("DDPM-IP", dict(mode="ip", ip_gamma=0.1)),
+    "free_at": ("free AT", dict(mode="free_at", adv_steps=3, adv_lr=0.1, adv_max_norm=0.1, adv_target="delta_detach")),
+    "pgd_at": ("PGD AT", dict(mode="pgd_at", adv_steps=3, adv_lr=0.1, adv_max_norm=0.1, adv_target="delta_detach")),
+}
+DATA = {   # the model and optimizer of each data set; presets set the budgets
+    "toy": dict(data="toy:rings", model="toy2d", model_overrides={"hidden": 128, "depth": 3}, lr=1e-3),
+    "digits": dict(data="digits", model="digits-tiny", lr=1e-3),
+}
+# Budgets per data set, sized from speeds measured on a 2-core CPU (2 torch threads): digits-tiny at batch 64
+# takes 53 / 58 / 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one
+# grid evaluation (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end:
+# smoke about 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75).
+PRESETS = {
+    "smoke": dict(seeds=[0], nfes=[5, 10],
+                  toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256),
+                  digits=dict(batch_size=32, pretrain_steps=30, finetune_steps=15, ema_rate="0.9", eval_samples=64)),
+    "quick": dict(seeds=[0, 1, 2], nfes=[5, 8, 10, 20, 50],
+                  toy=dict(batch_size=256, pretrain_steps=3000, finetune_steps=600, ema_rate="0.99",
+                           eval_samples=2000),
+                  digits=dict(batch_size=64, pretrain_steps=1500, finetune_steps=240, ema_rate="0.98",
+                              eval_samples=256)),
+    "full": dict(seeds=[0, 1, 2, 3, 4], nfes=[5, 8, 10, 20, 50],
+                 toy=dict(batch_size=256, pretrain_steps=6000, finetune_steps=1500, ema_rate="0.995",
+                          eval_samples=4000),
+                 digits=dict(batch_size=64, pretrain_steps=4000, finetune_steps=600, ema_rate="0.99",
+                             eval_samples=500)),
+}
+PRETRAIN_SEED = 0   # one pretrained model per data set; the seeds vary the fine-tuning and the evaluation
+COMMON = dict(diffusion_steps=1000, noise_schedule="cosine", log_interval=25, num_samples=64, sample_method="ddim",
+              sample_steps=20)
+
+
+def plan(preset, data="both", nfes=None):
+    """The resolved settings of a run: seeds, NFEs and per data set the budgets."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    names = {"both": list(DATA), "toy": ["toy"], "digits": ["digits"]}
+    if data not in names:
+        raise ValueError(f"data: expected 'toy', 'digits' or 'both', got {data!r}")
+    p = PRESETS[preset]
+    nfes = list(p["nfes"] if nfes is None else nfes)
+    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
+        raise ValueError(f"nfes: every NFE must be an integer >= 1, got {nfes!r}")
+    return {"preset": preset, "seeds": p["seeds"], "nfes": nfes, "samplers": list(SAMPLERS),
+            "data": {name: {**DATA[name], **p[name]} for name in names[data]}}
+
+
+def _train_config(settings, run_dir, seed, **overrides):
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: v for k, v in settings.items() if k in keys}
+    return TrainConfig(**{**COMMON, **fields, "run_dir": str(run_dir), "seed": seed, **overrides})
+
+
+def _train_job(config, log):
+    """Train ``config`` unless its run directory says it is done; returns (seconds, ran)."""
+    run_dir = Path(config.run_dir)
+    done, wanted = run_dir / "done.json", dataclasses.asdict(config)
+    if (run_dir / "config.json").exists():
+        before = json.loads((run_dir / "config.json").read_text())
+        if before != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in wanted if before.get(k) != wanted[k])
+            raise ValueError(f"out: {run_dir} holds a run with other settings ({', '.join(changed)}); "
+                             f"use another --out folder")
+    if done.exists():
+        return json.loads(done.read_text())["seconds"], False
+    log(f"train {run_dir} ({config.mode}, {config.total_steps} updates)")
+    start = time.perf_counter()
+    train(config)
+    seconds = time.perf_counter() - start
+    write_json(done, {"seconds": seconds, "step": config.total_steps})
+    return seconds, True
+
+
+def _eval_job(checkpoint, out_dir, settings, nfes, seed, log):
+    """Evaluate unless ``out_dir`` holds results of the same grid; returns (rows, seconds, ran)."""
+    path = Path(out_dir) / "results.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        s = stored["settings"]
+        if s["nfes"] == nfes and s["num_samples"] == settings["eval_samples"] and s["seed"] == seed:
+            return stored["rows"], sum(r["seconds"] for r in stored["rows"]), False
+    log(f"evaluate {checkpoint}")
+    rows = evaluate(checkpoint, samplers=SAMPLERS, nfes=nfes, num_samples=settings["eval_samples"], seed=seed,
+                    out_dir=out_dir, exposure=True, progress=False, plots=False)
+    return rows, sum(r["seconds"] for r in rows), True
+
+
+def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, progress=True):
+    """Run (or resume) the protocol; returns {'out', 'report', 'trained', 'evaluated', 'skipped'}
+    (the run and evaluation folders of each kind of outcome in this call)."""
+    p = plan(preset, data, nfes)
+    out = Path(out or f"runs/reproduce-{preset}")
+    flags = ["--preset", preset, "--data", data, "--out", str(out)]
+    flags += ["--nfes", ",".join(map(str, nfes))] if nfes else []
+    command = command or "adv-dpm reproduce " + shlex.join(flags)
+    start = time.perf_counter()
+    total = len(p["data"]) * (1 + 2 * len(METHODS) * len(p["seeds"]))
+    bar = tqdm(total=total, desc=f"reproduce {preset}", unit="job", disable=not progress)
+    log = (lambda m: bar.write(f"[{bar.n + 1}/{total}] {m}")) if progress else (lambda m: None)
+    done = {"trained": [], "evaluated": [], "skipped": []}
+    timings = {"pretrain": 0.0, **{f"fine-tune {m}": 0.0 for m in METHODS}, "feature net": 0.0, "evaluation": 0.0}
+    features, rows = {}, []
+    for name, settings in p["data"].items():
+        steps = settings["pretrain_steps"]
+        pre = _train_config(settings, out / name / "pretrain", PRETRAIN_SEED, mode="standard", total_steps=steps,
+                            save_interval=max(1, steps // 4))
+        seconds, ran = _train_job(pre, log)
+        timings["pretrain"] += seconds
+        done["trained" if ran else "skipped"].append(pre.run_dir)
+        bar.update()
+        if not settings["data"].startswith("toy:"):
+            features[name] = _feature_net(settings["data"], out, progress)
+            timings["feature net"] += features[name]["seconds"]
+        for seed in p["seeds"]:
+            for method, (_, overrides) in METHODS.items():
+                run_dir = out / name / f"seed{seed}" / method
+                cfg = _train_config(settings, run_dir, seed, **overrides, total_steps=settings["finetune_steps"],
+                                    save_interval=max(1, settings["finetune_steps"] // 3),
+                                    init_from=str(Path(pre.run_dir) / "checkpoint.pt"))
+                seconds, ran = _train_job(cfg, log)
+                timings[f"fine-tune {method}"] += seconds
+                done["trained" if ran else "skipped"].append(cfg.run_dir)
+                bar.update()
+                result, seconds, ran = _eval_job(run_dir / "checkpoint.pt", run_dir / "eval", settings, p["nfes"],
+                                                 seed, log)
+                timings["evaluation"] += seconds
+                done["evaluated" if ran else "skipped"].append(str(run_dir / "eval"))
+                rows += [{"dataset": name, "method": method, **r} for r in result]
+                bar.update()
+    bar.close()
+    summary, comparisons = aggregate(rows, p)
+    wall = {"this invocation": time.perf_counter() - start}
+    path = write_report(out, p, rows, summary, comparisons, features, timings, wall, command)
+    return {"out": out, "report": path, **done}
+
+
+def _feature_net(spec, out, progress):
+    """Train (or load from its cache, $ADV_DPM_CACHE or ~/.cache/adv_dpm) the feature network of an
+    image data set; its held-out accuracy and what it cost."""
+    path = out / "features" / f"{spec.replace(':', '_')}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    _, accuracy = metrics.feature_extractor(spec, progress=progress)
+    info = {"data": spec, "accuracy": accuracy, "seconds": time.perf_counter() - start}
+    write_json(path, info)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics over seeds
+# ---------------------------------------------------------------------------------------------
+
+def mean_ci(values, level=0.95):
+    """(mean, low, high): the t interval of the mean over seeds (nan bounds with one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired(a, b):
+    """Paired comparison of per-seed values a and b (same seed order): the mean of a - b, its 95%
+    t interval, the two-sided p value and the relative change (a - b) / |mean b|."""
+    from scipy import stats
+
+    diff = [x - y for x, y in zip(a, b)]
+    mean, lo, hi = mean_ci(diff)
+    p_value = math.nan
+    if len(diff) > 1:
+        se = (hi - mean) / stats.t.ppf(0.975, len(diff) - 1)
+        p_value = 2 * stats.t.sf(abs(mean) / se, len(diff) - 1) if se > 0 else float(mean == 0)
+    base = sum(b) / len(b)
+    return {"diff": mean, "diff_lo": lo, "diff_hi": hi, "p": p_value, "rel": mean / abs(base) if base else math.nan}
+
+
+def verdict(c, n_seeds):
+    """Whether a (lower-is-better) paired difference is beyond the seed spread."""
+    if n_seeds < 2:
+        return "cannot tell with one seed"
+    if c["diff_hi"] < 0:
+        return "better beyond the seed spread"
+    if c["diff_lo"] > 0:
+        return "worse beyond the seed spread"
+    return "no difference beyond the seed spread"
+
+
+def aggregate(rows, p):
+    """Summary rows (mean and interval of every metric per data set, method, sampler, NFE) and
+    comparisons of free AT against standard, DDPM-IP and ES on each data set's primary metric."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["method"], r["sampler"], r["nfe"]), []).append(r)
+    summary = []
+    for (name, method, sampler, nfe), group in cells.items():
+        group = sorted(group, key=lambda r: r["seed"])
+        for metric in metric_columns(group):
+            mean, lo, hi = mean_ci([float(r[metric]) for r in group])
+            summary.append({"dataset": name, "method": method, "sampler": sampler, "nfe": nfe, "metric": metric,
+                            "n": len(group), "mean": mean, "lo": lo, "hi": hi})
+    comparisons = []
+    for name in p["data"]:
+        primary = PRIMARY["toy" if p["data"][name]["data"].startswith("toy:") else "image"]
+
+        def values(method, sampler, nfe):
+            group = sorted(cells.get((name, method, sampler, nfe), []), key=lambda r: r["seed"])
+            return [float(r[primary]) for r in group]
+
+        for sampler in p["samplers"]:
+            for nfe in p["nfes"]:
+                at = values("free_at", sampler, nfe)
+                against = {"standard": values("standard", sampler, nfe), "DDPM-IP": values("ip", sampler, nfe),
+                           "PGD AT": values("pgd_at", sampler, nfe)}
+                if sampler == "ddpm":
+                    against["standard + ES"] = values("standard", "ddpm-es", nfe)
+                for baseline, base in against.items():
+                    c = {"dataset": name, "metric": primary, "sampler": sampler, "nfe": nfe, "baseline": baseline,
+                         "n": len(at), "free_at": sum(at) / len(at), "other": sum(base) / len(base), **paired(at, base)}
+                    c["verdict"] = verdict(c, len(at))
+                    comparisons.append(c)
+    return summary, comparisons
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+def _machine():
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; {platform.platform()}"
+
+
+def _versions():
+    import numpy
+    from . import __version__
+    return (f"adv_dpm {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+            f"numpy {numpy.__version__}")
+
+
+def _ci(mean, lo, hi):
+    return f"{fmt(mean)}" if math.isnan(lo) else f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
+
+
+def _statement(name, nfe, comps, p):
+    """One data set and NFE: free AT against each baseline with the DDPM sampler, then against
+    standard training with the other samplers."""
+    by = {(c["sampler"], c["baseline"]): c for c in comps if c["dataset"] == name and c["nfe"] == nfe}
+    head = by[("ddpm", "standard")]
+    text = (f"- **{name}, NFE {nfe}** (DDPM, {head['metric']}): free AT {fmt(head['free_at'])} vs standard "
+            f"{fmt(head['other'])}, difference {_diff(head)}: **free AT: {head['verdict']}**.")
+    for baseline in ("DDPM-IP", "standard + ES", "PGD AT"):
+        c = by[("ddpm", baseline)]
+        text += f" Against {baseline} ({fmt(c['other'])}): {_diff(c)}, {c['verdict']}."
+    others = [f"{s} {_diff(by[(s, 'standard')])}, {by[(s, 'standard')]['verdict']}"
+              for s in p["samplers"] if s != "ddpm"]
+    return text + " Free AT against standard with the other samplers: " + "; ".join(others) + "."
+
+
+def _overview(name, comps, p):
+    """One line per data set: at which NFEs free AT is better / worse than standard (DDPM)."""
+    groups = {}
+    for c in comps:
+        if (c["dataset"], c["sampler"], c["baseline"]) == (name, "ddpm", "standard"):
+            groups.setdefault(c["verdict"], []).append(str(c["nfe"]))
+    return f"**{name}** (DDPM sampler), free AT against standard: " + "; ".join(
+        f"{v} at NFE {', '.join(nfes)}" for v, nfes in groups.items()) + "."
+
+
+def _diff(c):
+    """'difference [interval] (relative, p = ...)' of a comparison."""
+    ci = "" if math.isnan(c["diff_lo"]) else f" [{fmt(c['diff_lo'])}, {fmt(c['diff_hi'])}]"
+    notes = [] if math.isnan(c["rel"]) else [f"{c['rel'] * 100:+.1f}%"]
+    notes += [] if math.isnan(c["p"]) else [f"p = {c['p']:.2g}"]
+    return f"{fmt(c['diff'])}{ci}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+PROTOCOL = """## Protocol
+
+Per data set: pretrain one standard model (seed {pretrain_seed}); then, for each seed, fine-tune it (weights
+only, fresh AdamW) for the same number of optimizer updates as standard, DDPM-IP (gamma 0.1), free AT
+and PGD AT (K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT makes K updates per
+batch, PGD AT one per K passes). Each fine-tuned EMA model is sampled with DDPM, DDPM-ES (lambda
+1.017), DDIM (eta 0) and DPM-Solver++(2M) from the same initial noise. Primary metrics (lower is
+better): on 2-D data the sliced Wasserstein distance to fresh true samples (swd); on images the
+Frechet distance (fd) to the held-out images in the feature space of a classifier trained on the
+data set.
+
+Seeds: {seeds}. NFEs: {nfes}. Intervals: mean ± half-width of the 95% t interval over seeds.
+**Comparisons are paired over seeds**: the four fine-tunes of a seed share the pretrained weights,
+batch order, noise draws and evaluation noise, so each seed gives one difference free AT − other;
+reported are its mean, its 95% t interval, the relative change and the paired t test's p value.
+*Beyond the seed spread* means that the interval excludes 0.
+"""
+
+
+def _primary_tables(name, primary, summary, p):
+    """Markdown: per sampler, methods x NFE of the primary metric (mean ± interval)."""
+    lines = []
+    for sampler in p["samplers"]:
+        table = []
+        for method, (label, _) in METHODS.items():
+            row = {"method": label}
+            for s in summary:
+                if (s["dataset"], s["method"], s["sampler"], s["metric"]) == (name, method, sampler, primary):
+                    row[f"NFE {s['nfe']}"] = _ci(s["mean"], s["lo"], s["hi"])
+            table.append(row)
+        lines += [f"**{sampler}**\n", markdown_table(table, ["method"] + [f"NFE {n}" for n in p["nfes"]])]
+    return lines
+
+
+def write_report(out, p, rows, summary, comparisons, features, timings, wall, command):
+    """report.md, results.csv, summary.csv, comparisons.csv, results.json and plots/ under ``out``."""
+    out = Path(out)
+    metric_names = metric_columns(rows)
+    write_csv(out / "results.csv", rows, ["dataset", "method", "seed", "sampler", "nfe", *metric_names, "seconds",
+                                          "checkpoint"])
+    write_csv(out / "summary.csv", summary, ["dataset", "method", "sampler", "nfe", "metric", "n", "mean", "lo", "hi"])
+    write_csv(out / "comparisons.csv", comparisons, list(comparisons[0]) if comparisons else ["dataset"])
+    write_json(out / "results.json", {"plan": p, "command": command, "timings": timings, "wall": wall,
+                                      "features": features, "rows": rows, "summary": summary,
+                                      "comparisons": comparisons})
+    settings = [{"data set": n, **s, "model_overrides": json.dumps(s.get("model_overrides", {}))}
+                for n, s in p["data"].items()]
+    lines = [f"# Reproduction report: preset `{p['preset']}`\n",
+             f"Command: `{command}`\n",
+             f"Versions: {_versions()}  \nMachine: {_machine()}  \nWritten: {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
+             PROTOCOL.format(pretrain_seed=PRETRAIN_SEED, seeds=p["seeds"], nfes=p["nfes"]),
+             markdown_table(settings, ["data set", "data", "model", "model_overrides", "batch_size", "lr",
+                                       "pretrain_steps", "finetune_steps", "ema_rate", "eval_samples"])]
+    lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
+              for info in features.values()]
+    lines += ["## Does free AT beat standard training?\n"]
+    lines += [_overview(name, comparisons, p) + "  " for name in p["data"]]
+    lines += ["\nDifference = free AT − other on the primary metric (negative: free AT better) "
+              "[95% paired interval] (relative to the other, paired t test).\n"]
+    for name in p["data"]:
+        lines += [_statement(name, nfe, comparisons, p) for nfe in p["nfes"]] + [""]
+    for name, settings in p["data"].items():
+        primary = PRIMARY["toy" if settings["data"].startswith("toy:") else "image"]
+        lines.append(f"## {name}: {primary} (mean ± 95% interval over {len(p['seeds'])} seed(s))\n")
+        lines += _primary_tables(name, primary, summary, p)
+        lines.append(f"![{name} {primary}](plots/{_plot(out, name, primary, summary, p).name})\n")
+        other = [m for m in metric_names if m != primary and any((s["dataset"], s["metric"]) == (name, m)
+                                                                 for s in summary)]
+        lines.append(f"Other metrics ({', '.join(other)}): summary.csv; per seed: results.csv.\n")
+    phases = [{"phase": k, "seconds": v} for k, v in {**timings, **wall}.items()]
+    lines += ["## Wall time\n", markdown_table(phases, ["phase", "seconds"]),
+              "Phase times are those recorded when each job ran (a job resumed after a kill counts its last "
+              "segment); 'this invocation' is the wall time of the command that wrote this report.\n"]
+    atomic_write(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def _plot(out, name, metric, summary, p):
+    panels = {s: {} for s in p["samplers"]}
+    for s in summary:
+        if s["dataset"] == name and s["metric"] == metric:
+            panels[s["sampler"]].setdefault(METHODS[s["method"]][0], []).append((s["nfe"], s["mean"], s["lo"], s["hi"]))
+    return plot_vs_nfe(panels, out / "plots" / f"{name}_{metric}.png", metric, f"{name}: {metric}, mean ± 95% CI")

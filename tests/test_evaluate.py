@@ -1,0 +1,129 @@
+"""The evaluation grid (adv_dpm.evaluate), the reproduction pipeline end to end at its smoke
+preset (adv_dpm.reproduce), resuming it, and errors naming the bad argument."""
+import csv
+import json
+import math
+
+import pytest
+
+from adv_dpm import cli
+from adv_dpm.evaluate import SAMPLERS, evaluate
+from adv_dpm.reproduce import mean_ci, paired, reproduce, verdict
+from adv_dpm.train import TrainConfig, train
+
+TOY = dict(data="toy:gmm", model="toy2d", model_overrides={"hidden": 32, "depth": 2}, batch_size=16,
+           diffusion_steps=100, log_interval=5, save_interval=1000, total_steps=20, ema_rate="0.9")
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("toy") / "run"
+    train(TrainConfig(**TOY, run_dir=str(run)))
+    return run / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """A private cache for the digits feature network (trained once for this module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("ADV_DPM_CACHE", str(path))
+        yield path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_writes_table_and_plots(toy_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    rows = evaluate(toy_checkpoint, samplers=SAMPLERS, nfes=[2, 5], num_samples=32, seed=3, out_dir=out,
+                    exposure=True, robustness_budget=0.05, progress=False)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in SAMPLERS for n in (2, 5)]
+    table = read_csv(out / "results.csv")
+    assert len(table) == 8
+    for column in ("mode", "step", "data", "sampler", "nfe", "num_samples", "seed", "nll", "swd", "precision",
+                   "recall", "modes", "modes_total", "exposure_ratio", "swd_random", "swd_adversarial", "seconds"):
+        assert column in table[0], column
+    assert all(math.isfinite(float(r["swd"])) for r in table)
+    assert json.loads((out / "results.json").read_text())["settings"]["nfes"] == [2, 5]
+    md = (out / "results.md").read_text()
+    assert "| sampler | nfe |" in md and "![swd](swd_vs_nfe.png)" in md
+    for metric in ("swd", "nll", "exposure_ratio", "swd_adversarial"):
+        assert (out / f"{metric}_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+    # deterministic given the seed
+    again = evaluate(toy_checkpoint, samplers=["ddpm"], nfes=[5], num_samples=32, seed=3, progress=False)
+    assert again[0]["swd"] == rows[1]["swd"] and again[0]["nll"] == rows[1]["nll"]
+
+
+def test_evaluate_bad_input_names_the_argument(toy_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        evaluate(tmp_path / "missing.pt", nfes=[5], progress=False)
+    with pytest.raises(ValueError, match="samplers.*'euler'"):
+        evaluate(toy_checkpoint, samplers=["ddim", "euler"], nfes=[5], progress=False)
+    with pytest.raises(ValueError, match="nfes"):
+        evaluate(toy_checkpoint, nfes=[5, 0], progress=False)
+    with pytest.raises(ValueError, match="nfes"):
+        evaluate(toy_checkpoint, nfes=[1000], progress=False)   # more steps than the schedule has
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate(toy_checkpoint, nfes=[5], num_samples=0, progress=False)
+    with pytest.raises(SystemExit, match="checkpoint"):
+        cli.main(["evaluate", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="nfes"):
+        cli.main(["evaluate", str(toy_checkpoint), "--nfes", "0"])
+    with pytest.raises(ValueError, match="preset"):
+        reproduce("huge", out=tmp_path)
+    with pytest.raises(ValueError, match="nfes"):
+        reproduce("smoke", out=tmp_path, nfes=[0])
+
+
+def test_statistics_over_seeds():
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert all(math.isnan(v) for v in mean_ci([1.0])[1:])
+    better = paired([1.0, 1.1, 0.9], [2.0, 2.2, 1.9])   # free AT lower (better) on every seed
+    assert better["diff"] < 0 and better["diff_hi"] < 0 and better["p"] < 0.05
+    assert verdict(better, 3) == "better beyond the seed spread"
+    assert verdict(paired([1.0, 3.0, 2.0], [2.0, 2.0, 2.0]), 3) == "no difference beyond the seed spread"
+    assert verdict(paired([1.0], [2.0]), 1) == "cannot tell with one seed"
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
+    out = tmp_path / "smoke"
+    first = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
+    report = (out / "report.md").read_text()
+    assert first["report"] == out / "report.md" and not first["skipped"]
+    assert "adv-dpm reproduce --preset smoke" in report and "torch " in report and "## Wall time" in report
+    assert "## Does free AT beat standard training?" in report
+    for name in ("toy", "digits"):
+        for nfe in (5, 8):
+            assert f"- **{name}, NFE {nfe}** (DDPM" in report
+        assert (out / "plots" / f"{name}_{'swd' if name == 'toy' else 'fd'}.png").is_file()
+    assert "Feature network for digits: held-out accuracy" in report
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 2 * 4 * 4 * 2   # data sets x methods x samplers x NFEs (one seed)
+    assert {r["method"] for r in rows} == {"standard", "ip", "free_at", "pgd_at"}
+    assert {"swd", "fd", "kid", "exposure_ratio"} <= set(rows[0])
+    comparisons = read_csv(out / "comparisons.csv")
+    assert {c["baseline"] for c in comparisons} == {"standard", "DDPM-IP", "standard + ES", "PGD AT"}
+    # fine-tunes continue the pretrained weights for the same number of optimizer updates
+    for method in ("standard", "ip", "free_at", "pgd_at"):
+        config = json.loads((out / "digits" / "seed0" / method / "config.json").read_text())
+        assert config["total_steps"] == 15 and config["init_from"].endswith("pretrain/checkpoint.pt")
+        assert json.loads((out / "digits" / "seed0" / method / "done.json").read_text())["step"] == 15
+
+    checkpoint = out / "toy" / "seed0" / "free_at" / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    second = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
+    assert second["trained"] == [] and second["evaluated"] == [] and len(second["skipped"]) == 18
+    assert checkpoint.stat().st_mtime_ns == stamp
+    # an evaluation lost (as if killed before it wrote its result) is redone, nothing else
+    (out / "digits" / "seed0" / "ip" / "eval" / "results.json").unlink()
+    third = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
+    assert third["trained"] == [] and third["evaluated"] == [str(out / "digits" / "seed0" / "ip" / "eval")]
+    def scores(table):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in table]
+    assert scores(read_csv(out / "results.csv")) == scores(rows)   # the redone evaluation is deterministic
