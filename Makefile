@@ -5,13 +5,18 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 INST   := $(VENV)/.adv-dpm-installed
 
-.PHONY: demo test bench gpu-check build clean
+.PHONY: demo test bench reproduce gpu-check build clean
 
 demo: build
 	$(PY) -m adv_dpm.cli train --config configs/demo.toml
 
 test: build
 	ADV_DPM_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest -q
+
+# The paper's protocol at laptop scale (docs/RESULTS.md): PRESET=smoke|quick|full.
+PRESET ?= quick
+reproduce: build
+	$(PY) -m adv_dpm.cli reproduce --preset $(PRESET) --out runs/reproduce-$(PRESET)
 
 bench: build
 	$(PY) benches/bench_ops.py

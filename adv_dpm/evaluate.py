@@ -205,7 +205,7 @@ class _Scorer:
         if self.kind == "image":
             self.net, accuracy = metrics.feature_extractor(data_spec, cache_dir=feature_cache, progress=progress,
                                                            device=device)
-            self.real = metrics._train_test(data_spec)[1].x   # the held-out images the accuracy is measured on
+            self.real = metrics.train_and_held_out(data_spec)[1].x   # the held-out images the accuracy is measured on
             self.extra = {"feature_acc": accuracy, "num_real": len(self.real)}
         self.inception, self.batch_size = inception, batch_size
         if inception:

@@ -279,7 +279,7 @@ def _canonical_spec(dataset):
     return dataset
 
 
-def _train_test(dataset):
+def train_and_held_out(dataset):
     """(train, held-out) ``Data`` of an image data set with labels: its own test split when it
     has one (digits, cifar10), else every fifth image held out."""
     kind = dataset.partition(":")[0]
@@ -371,7 +371,7 @@ def feature_extractor(dataset: str, cache_dir: str | Path | None = None, seed: i
     atomically; later calls load it. The returned net is in eval mode on ``device``;
     ``net.from_cache`` tells whether it was loaded.
     """
-    train, test = _train_test(dataset)
+    train, test = train_and_held_out(dataset)
     num_classes = int(max(train.y.max(), test.y.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights
