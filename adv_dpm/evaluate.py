@@ -12,8 +12,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .diffusion import Schedule, sample
 from .models import build_model
+from .utils import atomic_write
 
 SAMPLERS = ("ddpm", "ddpm-es", "ddim", "dpm_solver++")
 PAPER_NFES = (5, 8, 10, 20, 50)
@@ -32,25 +31,8 @@ PRIMARY = {"toy": "swd", "image": "fd"}   # the headline metric of each kind of 
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic files, tables and plots (also used by adv_dpm.reproduce)
+# Files, tables and plots (also used by adv_dpm.reproduce)
 # ---------------------------------------------------------------------------------------------
-
-def atomic_write(path, data):
-    """Write ``data`` (str or bytes) to ``path`` so that a crash leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def write_json(path, obj):
     return atomic_write(path, json.dumps(obj, indent=1) + "\n")

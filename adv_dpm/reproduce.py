@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .evaluate import (PRIMARY, SAMPLERS, atomic_write, evaluate, fmt, markdown_table, metric_columns, plot_vs_nfe,
-                       write_csv, write_json)
+from .evaluate import PRIMARY, SAMPLERS, evaluate, fmt, markdown_table, metric_columns, plot_vs_nfe, write_csv, write_json
 from .train import TrainConfig, train
+from .utils import atomic_write
 
 METHODS = {   # fine-tuning variants: name -> (label, TrainConfig settings)
     "standard": ("standard", dict(mode="standard")),

@@ -1,4 +1,5 @@
 """Small helpers: atomic writes and image grids."""
+import contextlib
 import math
 import os
 import tempfile
@@ -7,20 +8,35 @@ from pathlib import Path
 import torch
 
 
-def atomic_save(obj, path):
-    """torch.save to ``path`` so that a crash leaves the previous file intact (write, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file whose content replaces ``path`` only when the block completes: write to a
+    temporary file beside it, fsync, rename. A crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save to ``path`` atomically."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write(path, data):
+    """Write ``data`` (str or bytes) to ``path`` atomically; returns the path."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def save_image_grid(images, path, nrow=None):
@@ -38,10 +54,6 @@ def save_image_grid(images, path, nrow=None):
     image = Image.fromarray(array[..., 0] if c == 1 else array)
     scale = max(1, 256 // max(grid.shape[1:]))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(path) as f:
         image.save(f, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return Path(path)
