@@ -21,11 +21,12 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
+
+from adv_dpm.utils import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,18 +86,6 @@ def machine(device):
             "python": platform.python_version(), "commit": commit, "threads": torch.get_num_threads()}
 
 
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def markdown_table(rows, columns):
     """rows: list of dicts; columns: list of (key, header, format)."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
@@ -124,9 +113,9 @@ def save(name, meta, rows, columns, out_dir=RESULTS):
     if meta["device_type"] == "cpu":
         tag += f"-{meta['threads']}t"
     stem = Path(out_dir) / f"{name}-{tag}-{meta['date']}"
-    write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"# {name}\n\n{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
               f"CUDA {meta['cuda']}, commit {meta['commit']}"
               f"{' (interrupted: partial)' if meta.get('partial') else ''}\n\n")
-    write_atomic(stem.with_suffix(".md"), header + markdown_table(rows, columns) + "\n")
+    atomic_write(stem.with_suffix(".md"), header + markdown_table(rows, columns) + "\n")
     return stem.with_suffix(".md")
