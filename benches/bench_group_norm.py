@@ -25,7 +25,8 @@ CPU_SHAPES = [(32, 128, 16, 16), (128, 128, 32, 32), (128, 256, 16, 16)]
 GPU_SHAPES = [(32, 128, 16, 16), (128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4),
               (64, 192, 64, 64), (64, 384, 32, 32), (64, 576, 16, 16), (64, 768, 8, 8)]
 COLUMNS = [("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", "{}"), ("provider", "provider", "{}"),
-           ("us", "median us", "{:.1f}"), ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
+           ("us", "median us", "{:.1f}"), ("gpu_us", "GPU-only us", "{:.1f}"),
+           ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
            ("vs_eager", "x ADM eager", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
            ("saved_mib", "saved for bwd MiB", "{:.2f}"), ("peak_mib", "peak MiB", "{:.1f}")]
 
@@ -91,24 +92,20 @@ def bench(rows, shapes, dtypes, device, min_run_time):
             providers.update({b: (b, group_norm_act) for b in ours})
             for name_pass, nbytes in (("fwd", 2 * n), ("bwd", 3 * n), ("fwd+bwd", 5 * n)):
                 copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)
-                times = {}
                 for name, (forced, fn) in providers.items():
                     with use_backend(forced):
                         run = passes(fn, x, p, grad_y)[name_pass]
-                        sec = common.median_seconds(run, min_run_time)
+                        t = common.timing(run, device, min_run_time)
                         extra = {}
                         if name_pass == "fwd+bwd":
                             extra = dict(saved_mib=saved_bytes(fn, x, p) / 2**20,
                                          peak_mib=(lambda b: None if b is None else b / 2**20)(
                                              common.peak_memory(run, device)))
-                    times[name] = sec
-                    rows.append(dict(shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1], **{"pass": name_pass},
-                                     provider=name, us=sec * 1e6, gbps=nbytes / sec / 1e9, of_copy=nbytes / sec / copy_bw,
-                                     bytes=nbytes, **extra))
-                for row in rows[-len(providers):]:
-                    row["vs_eager"] = times["ADM eager"] / (row["us"] / 1e6)
-                    row["vs_compile"] = times["compile"] / (row["us"] / 1e6)
-                print(common.markdown_table(rows[-len(providers):], COLUMNS).split("\n", 2)[2], flush=True)
+                    rows.append(common.rate_row(t, nbytes, copy_bw, shape="x".join(map(str, shape)),
+                                                dtype=str(dtype).split(".")[-1], **{"pass": name_pass},
+                                                provider=name, **extra))
+                common.add_speedups(rows[-len(providers):], "ADM eager", "compile")
+                common.print_rows(rows[-len(providers):], common.device_columns(COLUMNS, device))
 
 
 def main(argv=None):
@@ -125,10 +122,11 @@ def main(argv=None):
     shapes = (CPU_SHAPES if args.device == "cpu" else GPU_SHAPES)[:1 if args.quick else None]
     meta = common.machine(args.device)
     print(f"# group_norm_act on {meta['device']} (torch {meta['torch']}), {GROUPS} groups, scale/shift + SiLU\n")
-    print(common.markdown_table([], COLUMNS))
+    columns = common.device_columns(COLUMNS, args.device)
+    print(common.markdown_table([], columns))
     min_run_time = 0.5 if args.device == "cpu" else 0.1
     rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
-    path = common.save("bench_group_norm" + ("-quick" if args.quick else ""), meta, rows, COLUMNS, args.out)
+    path = common.save("bench_group_norm" + ("-quick" if args.quick else ""), meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 
 

@@ -21,7 +21,8 @@ from adv_dpm.ops import adv_step, adv_step_inject, backend, eager, noise_inject,
 SHAPES = {"cifar10": (128, 3, 32, 32), "imagenet64": (64, 3, 64, 64)}
 LR, RADIUS_PER_ELEMENT = 0.1, 0.1
 COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("provider", "provider", "{}"),
-           ("us", "median us", "{:.1f}"), ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
+           ("us", "median us", "{:.1f}"), ("gpu_us", "GPU-only us", "{:.1f}"),
+           ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
            ("vs_eager", "x eager", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
            ("peak_mib", "peak MiB", "{:.1f}")]
 
@@ -92,20 +93,15 @@ def bench(rows, shape_names, dtypes, device, min_run_time):
                 copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)
                 providers = {"eager": (None, factory(composite)), "compile": (None, factory(compiled(composite)))}
                 providers.update({b: (b, factory(ours)) for b in kernel_backends(device)})
-                times = {}
                 for name, (forced, fn) in providers.items():
                     with use_backend(forced):
-                        sec = common.median_seconds(fn, min_run_time)
+                        t = common.timing(fn, device, min_run_time)
                         peak = common.peak_memory(fn, device) if "bwd" in op else None
-                    times[name] = sec
-                    rows.append(dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1],
-                                     provider=name, us=sec * 1e6, gbps=nbytes / sec / 1e9,
-                                     of_copy=nbytes / sec / copy_bw, bytes=nbytes,
-                                     peak_mib=None if peak is None else peak / 2**20))
-                for row in rows[-len(providers):]:
-                    row["vs_eager"] = times["eager"] / (row["us"] / 1e6)
-                    row["vs_compile"] = times["compile"] / (row["us"] / 1e6)
-                print(common.markdown_table(rows[-len(providers):], COLUMNS).split("\n", 2)[2], flush=True)
+                    rows.append(common.rate_row(t, nbytes, copy_bw, op=op, shape="x".join(map(str, shape)),
+                                                dtype=str(dtype).split(".")[-1], provider=name,
+                                                peak_mib=None if peak is None else peak / 2**20))
+                common.add_speedups(rows[-len(providers):], "eager", "compile")
+                common.print_rows(rows[-len(providers):], common.device_columns(COLUMNS, device))
 
 
 def main(argv=None):
@@ -124,11 +120,12 @@ def main(argv=None):
     shapes = ["cifar10"] if args.quick else list(SHAPES)
     meta = common.machine(args.device)
     print(f"# fused ops on {meta['device']} (torch {meta['torch']}); medians of repeated runs\n")
-    print(common.markdown_table([], COLUMNS))
+    columns = common.device_columns(COLUMNS, args.device)
+    print(common.markdown_table([], columns))
     # CUDA launches are microseconds: a short run already holds thousands of them.
     min_run_time = 0.2 if args.device == "cuda" else 0.3 if args.quick else 1.0
     rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
-    path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, COLUMNS, args.out)
+    path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 
 

@@ -22,23 +22,35 @@ from adv_dpm.ops import use_backend  # noqa: E402
 from adv_dpm.train import TrainConfig, Trainer  # noqa: E402
 
 COLUMNS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("ops", "ops", "{}"),
-           ("ms_per_update", "ms / update", "{:.2f}"), ("vs_standard", "x standard", "{:.3f}"),
+           ("ms_per_update", "ms / update", "{:.2f}"), ("gpu_busy_ms", "GPU busy ms", "{:.2f}"),
+           ("vs_standard", "x standard", "{:.3f}"),
            ("fused_speedup", "fused speed-up", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+OPS = {"fused": None, "plain": "reference"}  # backend forced for each: automatic, or plain PyTorch
 
 
-def time_per_update(trainer, batches, repeats):
-    """Median over ``repeats`` of (seconds for ``batches`` batches) / updates."""
-    trainer.train_batch()   # warm-up
+def seconds_per_update(trainer, batches):
+    """Wall seconds per optimizer update over ``batches`` batches."""
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    samples = []
-    for _ in range(repeats):
-        sync()
-        start, step = time.perf_counter(), trainer.step
-        for _ in range(batches):
-            trainer.train_batch()
-        sync()
-        samples.append((time.perf_counter() - start) / (trainer.step - step))
-    return statistics.median(samples)
+    sync()
+    start, step = time.perf_counter(), trainer.step
+    for _ in range(batches):
+        trainer.train_batch()
+    sync()
+    return (time.perf_counter() - start) / (trainer.step - step)
+
+
+def gpu_busy_per_update(trainer):
+    """Seconds of GPU kernels and copies per optimizer update over one batch (the profiler's
+    device events); beside the wall time it tells a host-bound step from a GPU-bound one."""
+    if trainer.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    step = trainer.step
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_batch()
+        torch.cuda.synchronize()
+    busy_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / 1e6 / (trainer.step - step)
 
 
 def main(argv=None):
@@ -49,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--precision", default=None)
     parser.add_argument("--batches", type=int, default=None, help="batches per timing")
-    parser.add_argument("--repeats", type=int, default=None, help="timings per case (default 5 on CPU, 3 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timings per case (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
@@ -61,27 +73,41 @@ def main(argv=None):
     batch = args.batch or (128 if gpu else 64)
     precision = args.precision or ("bf16" if gpu else "fp32")
     batches = args.batches or (4 if gpu else 6)
-    args.repeats = args.repeats or (3 if gpu else 5)
+    args.repeats = args.repeats or 5
     meta = common.machine(args.device)
     print(f"# training step on {meta['device']}: {model}, batch {batch}, {precision}; medians of {args.repeats}\n")
-    print(common.markdown_table([], COLUMNS))
+    columns = common.device_columns(COLUMNS, args.device)
+    print(common.markdown_table([], columns))
 
     def fill(rows):
         with tempfile.TemporaryDirectory() as tmp:
             for mode in ("standard", "free_at", "pgd_at"):
-                for ops, backend in [("fused", None), ("plain", "reference")]:
+                trainers = {}
+                for ops, backend in OPS.items():
                     torch.manual_seed(0)
                     cfg = TrainConfig(data=data, model=model, mode=mode, adv_steps=3, batch_size=batch,
                                       precision=precision, device=args.device, run_dir=f"{tmp}/{ops}-{mode}",
                                       channels_last=gpu)
                     with use_backend(backend):
-                        trainer = Trainer(cfg)
-                        sec = time_per_update(trainer, batches, args.repeats)
-                        peak = common.peak_memory(trainer.train_batch, args.device)
+                        trainers[ops] = Trainer(cfg)
+                        for _ in range(2):  # warm-up: allocator, cuDNN algorithm choice
+                            trainers[ops].train_batch()
+                # Fused and plain alternate, so a drift of the machine's speed hits both alike.
+                samples = {ops: [] for ops in OPS}
+                for _ in range(args.repeats):
+                    for ops, backend in OPS.items():
+                        with use_backend(backend):
+                            samples[ops].append(seconds_per_update(trainers[ops], batches))
+                for ops, backend in OPS.items():
+                    with use_backend(backend):
+                        peak = common.peak_memory(trainers[ops].train_batch, args.device)
+                        busy = gpu_busy_per_update(trainers[ops])
+                    sec = statistics.median(samples[ops])
                     rows.append(dict(model=model, mode=mode, ops=ops, ms_per_update=sec * 1e3,
+                                     gpu_busy_ms=None if busy is None else busy * 1e3,
                                      peak_mib=None if peak is None else peak / 2**20))
                     print(f"{ops} {mode}: {sec * 1e3:.2f} ms / update", flush=True)
-                    del trainer
+                del trainers
 
     rows = common.measure(fill, meta)
     time_of = {(r["ops"], r["mode"]): r["ms_per_update"] for r in rows}
@@ -89,8 +115,8 @@ def main(argv=None):
         standard, plain = time_of.get((row["ops"], "standard")), time_of.get(("plain", row["mode"]))
         row["vs_standard"] = standard and row["ms_per_update"] / standard
         row["fused_speedup"] = plain and plain / row["ms_per_update"]
-    print(common.markdown_table(rows, COLUMNS), flush=True)
-    path = common.save("bench_train", meta, rows, COLUMNS, args.out)
+    print(common.markdown_table(rows, columns), flush=True)
+    path = common.save("bench_train", meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 
 

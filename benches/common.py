@@ -5,6 +5,11 @@ is a median over repeated runs (torch.utils.benchmark, which synchronizes CUDA);
 the op's minimal-bytes model (each input read once, each output written once) over the
 median time, and "of copy" divides it by the bandwidth of a same-size copy measured in the
 same run, the practical ceiling of a memory-bound op.
+
+On CUDA each call is timed twice: as called from Python (host dispatch included) and as the
+GPU work alone, replaying the calls captured in a CUDA graph. A small op on a fast GPU is
+host-bound, so the first measures dispatch overhead; bandwidth, copy ratios and speed-ups
+use the second there.
 """
 import os
 
@@ -17,6 +22,7 @@ if (os.cpu_count() or 1) <= 4:
 # steps were measured here); passive waiting keeps the providers independent.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -37,11 +43,63 @@ def median_seconds(fn, min_run_time):
         .blocked_autorange(min_run_time=min_run_time).median
 
 
+def graph_seconds(fn, min_run_time, calls=10):
+    """Seconds per call of fn's GPU work alone: ``calls`` calls captured in one CUDA graph and
+    replayed back to back (host dispatch is out; the gaps between kernels stay in). None, with
+    the reason printed, where fn cannot be captured. Captures on the current stream, where fn's
+    inputs (and any autograd graph it runs backward through) were made: see ``measure``."""
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():  # the legacy default stream cannot capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on the capture stream
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as e:
+        print(f"  (not capturable in a CUDA graph, no GPU-only time: {str(e).splitlines()[0]})", flush=True)
+        return None
+    return median_seconds(graph.replay, min_run_time) / calls
+
+
+def timing(fn, device, min_run_time):
+    """{'us': median µs as called, 'gpu_us': µs of the GPU work alone (CUDA), 'basis_s': the
+    seconds the rates use: the GPU-only time where there is one}."""
+    wall = median_seconds(fn, min_run_time)
+    gpu = graph_seconds(fn, min_run_time) if device == "cuda" else None
+    return {"us": wall * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "basis_s": gpu or wall}
+
+
 def copy_bandwidth(nbytes, device, min_run_time):
     """Bytes per second of dst.copy_(src) moving ``nbytes`` in total (read + write)."""
     src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), min_run_time)
+    return 2 * src.numel() / timing(lambda: dst.copy_(src), device, min_run_time)["basis_s"]
+
+
+def rate_row(t, nbytes, copy_bw, **fields):
+    """A result row from ``timing``'s ``t``: times, GB/s and fraction of copy bandwidth."""
+    sec = t["basis_s"]
+    return dict(fields, us=t["us"], gpu_us=t["gpu_us"], gbps=nbytes / sec / 1e9, of_copy=nbytes / sec / copy_bw,
+                bytes=nbytes)
+
+
+def device_columns(columns, device):
+    """The table columns for ``device``: the GPU-side timings (gpu_*) on CUDA only."""
+    return [c for c in columns if device == "cuda" or not c[0].startswith("gpu_")]
+
+
+def add_speedups(rows, eager, compiled):
+    """Each row's speed-up over the rows of providers ``eager`` and ``compiled`` (same basis)."""
+    sec = {r["provider"]: r["gpu_us"] or r["us"] for r in rows}
+    for r in rows:
+        r["vs_eager"] = sec[eager] / sec[r["provider"]]
+        r["vs_compile"] = sec[compiled] / sec[r["provider"]]
 
 
 def peak_memory(fn, device):
@@ -95,12 +153,21 @@ def markdown_table(rows, columns):
     return "\n".join([head, rule, *body])
 
 
+def print_rows(rows, columns):
+    """The rows as markdown table lines under a header printed earlier."""
+    print(markdown_table(rows, columns).split("\n", 2)[2], flush=True)
+
+
 def measure(fill, meta):
     """rows that ``fill(rows)`` appends; interrupted (Ctrl-C, ``timeout -s INT``), the rows
     measured so far, with ``meta['partial'] = True``."""
     rows = []
+    # On CUDA everything runs on a side stream: the backward of a forward run there runs there
+    # too, so ``graph_seconds`` can capture it (the legacy default stream cannot capture).
+    side = torch.cuda.stream(torch.cuda.Stream()) if meta["device_type"] == "cuda" else contextlib.nullcontext()
     try:
-        fill(rows)
+        with side:
+            fill(rows)
     except KeyboardInterrupt:
         meta["partial"] = True
         print("\ninterrupted: keeping the rows measured so far", flush=True)
