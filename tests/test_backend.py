@@ -67,3 +67,66 @@ def test_info_says_what_runs_and_why_not():
     assert "compiled extension: disabled by ADV_DPM_DISABLE_EXT=1" in out
     assert "reference  available" in out
     assert "cpu        unavailable: disabled by ADV_DPM_DISABLE_EXT=1" in out
+
+
+def test_call_runs_the_implementation_directly_only_in_plain_eager():
+    """backend.call: plain eager tensors take the implementation; a dispatch mode, a tensor
+    subclass, or a gradient through an op without a formula take the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    op = lambda *a: "op"  # noqa: E731
+    impl = lambda *a: "impl"  # noqa: E731
+    x = torch.randn(2, 3)
+    assert backend.call(op, impl, None, x, 1.0) == "impl"
+    assert backend.call(op, impl, None, torch.nn.Parameter(x, requires_grad=False), 1.0) == "impl"
+    assert backend.call(op, impl, None, x.requires_grad_(), 1.0) == "op"  # no autograd formula: the op decides
+    with torch.no_grad():
+        assert backend.call(op, impl, None, x, 1.0) == "impl"
+    with Passthrough():
+        assert backend.call(op, impl, None, torch.randn(2), 1.0) == "op"
+    assert backend.call(op, impl, None, torch.randn(2).as_subclass(Subclass), 1.0) == "op"
+
+
+class Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("family", ["noise_inject", "group_norm_act"])
+def test_direct_eager_path_equals_the_registered_op_with_gradients(family):
+    """The eager fast path and the custom op (with its registered autograd) run the same code:
+    identical outputs and gradients."""
+    module = sys.modules[f"adv_dpm.ops.{family}"]
+    g = torch.Generator().manual_seed(0)
+    if family == "noise_inject":
+        big = [torch.randn(3, 2, 4, 5, generator=g) for _ in range(3)]
+        coef = [torch.rand(3, generator=g) + 0.1 for _ in range(2)]
+        args = (big[0], big[1], coef[0], coef[1], big[2], "delta")
+        public, op = module.noise_inject, module.noise_inject_op
+        first = lambda out: out  # noqa: E731
+    else:
+        args = (torch.randn(3, 8, 4, 5, generator=g), torch.rand(8, generator=g), torch.randn(8, generator=g), 4, 1e-5,
+                torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), "silu")
+        public, op = module.group_norm_act, module.group_norm_act_op
+        first = lambda out: (out[0],)  # noqa: E731
+    results = []
+    for fn, pick in ((public, lambda out: out if isinstance(out, tuple) else (out,)), (op, first)):
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        outs = pick(fn(*leaves))
+        grads = torch.autograd.grad(outs, [a for a in leaves if isinstance(a, torch.Tensor)],
+                                    [torch.ones_like(o) for o in outs])
+        results.append((outs, grads))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a + grads_a, outs_b + grads_b):
+        assert torch.equal(a, b)
+
+
+def test_direct_eager_path_equals_the_registered_op_for_adv_step():
+    from adv_dpm.ops import adv_step
+    module = sys.modules["adv_dpm.ops.adv_step"]
+    delta, grad = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    for a, b in zip(adv_step(delta, grad, 0.5, 2.0), module.adv_step_op(delta, grad, 0.5, 2.0)):
+        assert torch.equal(a, b)

@@ -44,13 +44,15 @@ def _norms(delta):
         delta.new_empty((b,), dtype=torch.bool)
 
 
-@torch.library.custom_op("adv_dpm::adv_step", mutates_args=())
-def adv_step_op(delta: Tensor, grad: Tensor, lr: float, radius: float,
-                grad_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _adv_step(delta: Tensor, grad: Tensor, lr: float, radius: float,
+              grad_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_step("adv_step", delta, grad, lr, radius, grad_scale)
     new, _, _, grad_norm, delta_norm, skipped = backend.run(
         "adv_step", "adv_step", delta, delta, grad, None, None, None, None, lr, radius, grad_scale, 0)
     return new, grad_norm, delta_norm, skipped
+
+
+adv_step_op = torch.library.custom_op("adv_dpm::adv_step", _adv_step, mutates_args=())
 
 
 @adv_step_op.register_fake
@@ -73,13 +75,15 @@ def _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_targe
     return mode
 
 
-@torch.library.custom_op("adv_dpm::adv_step_inject", mutates_args=())
-def adv_step_inject_op(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
-                       radius: float, target: str = "delta_detach", grad_target: Optional[Tensor] = None,
-                       grad_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
+                     radius: float, target: str = "delta_detach", grad_target: Optional[Tensor] = None,
+                     grad_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mode = _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target, grad_scale)
     return backend.run("adv_step", "adv_step", delta, delta, grad, grad_target, x_t, eps, c_noise, lr, radius,
                        grad_scale, mode)
+
+
+adv_step_inject_op = torch.library.custom_op("adv_dpm::adv_step_inject", _adv_step_inject, mutates_args=())
 
 
 @adv_step_inject_op.register_fake
@@ -94,7 +98,7 @@ def adv_step(delta: Tensor, grad: Tensor, lr: float, radius: float, grad_scale: 
     ``grad_scale`` is the loss scale that ``grad`` still carries (a GradScaler's scale); it is
     divided out, so the result equals that of the unscaled gradient.
     """
-    return AdvStep(*adv_step_op(delta, grad, lr, radius, grad_scale))
+    return AdvStep(*backend.call(adv_step_op, _adv_step, None, delta, grad, lr, radius, grad_scale))
 
 
 def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
@@ -106,5 +110,5 @@ def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, gr
     input. With target='delta' the target depends on delta too: pass its gradient as
     ``grad_target`` and the ascent uses grad + grad_target / c_noise (= dLoss/d delta).
     """
-    return AdvStepInject(*adv_step_inject_op(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target,
-                                             grad_scale))
+    return AdvStepInject(*backend.call(adv_step_inject_op, _adv_step_inject, None, x_t, eps, c_noise, delta, grad, lr,
+                                       radius, target, grad_target, grad_scale))

@@ -64,13 +64,15 @@ def _stats_like(x, num_groups):
     return x.new_empty((x.shape[0], num_groups), dtype=dtype)
 
 
-@torch.library.custom_op("adv_dpm::group_norm_act", mutates_args=())
-def group_norm_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-                      eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                      act: Optional[str] = "silu") -> tuple[Tensor, Tensor, Tensor]:
+def _group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                    act: Optional[str] = "silu") -> tuple[Tensor, Tensor, Tensor]:
     code = _check(x, weight, bias, num_groups, eps, scale, shift, act)
     return backend.run(OP, OP, x, x, weight, bias, scale, shift, num_groups, eps, code,
                        layout_problem=collapse_problem("x", x))
+
+
+group_norm_act_op = torch.library.custom_op("adv_dpm::group_norm_act", _group_norm_act, mutates_args=())
 
 
 @group_norm_act_op.register_fake
@@ -79,15 +81,18 @@ def _(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu")
     return torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)
 
 
-@torch.library.custom_op("adv_dpm::group_norm_act_backward", mutates_args=())
-def group_norm_act_backward_op(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                               bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                               num_groups: int, act: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _group_norm_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                             num_groups: int, act: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     code = _check(x, weight, bias, num_groups, 0.0, scale, shift, act)
     checks.like(OP, "grad_y", grad_y, "x", x)
     return backend.run(OP, "group_norm_act_backward", x, grad_y, x, mean, rstd, weight, bias, scale, shift,
                        num_groups, code,
                        layout_problem=collapse_problem("x", x) or collapse_problem("grad_y", grad_y))
+
+
+group_norm_act_backward_op = torch.library.custom_op("adv_dpm::group_norm_act_backward", _group_norm_act_backward,
+                                                     mutates_args=())
 
 
 @group_norm_act_backward_op.register_fake
@@ -104,13 +109,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-    grad_x, gw, gb, gscale, gshift = group_norm_act_backward_op(grad_y, x, mean, rstd, weight, bias, scale, shift,
-                                                                ctx.num_groups, ctx.act)
+    grad_x, gw, gb, gscale, gshift = backend.call(group_norm_act_backward_op, _group_norm_act_backward, None,
+                                                  grad_y, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups,
+                                                  ctx.act)
     some = lambda g, p: None if p is None else g  # noqa: E731
     return grad_x, some(gw, weight), some(gb, bias), None, None, some(gscale, scale), some(gshift, shift), None
 
 
 group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+_function = backend.autograd_function(_group_norm_act, _setup_context, _backward)
 
 
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float = 1e-5,
@@ -121,4 +128,5 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     Statistics in fp32, output in x's dtype; weight/bias (C,) may be fp32 while x is fp16/bf16.
     NCHW and channels_last x (and gradients of either layout) run without copies.
     """
-    return group_norm_act_op(x, weight, bias, num_groups, eps, scale, shift, act)[0]
+    return backend.call(group_norm_act_op, _group_norm_act, _function, x, weight, bias, num_groups, eps, scale, shift,
+                        act)[0]

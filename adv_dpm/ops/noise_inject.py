@@ -22,11 +22,13 @@ def _check(x0, eps, c_signal, c_noise, delta, target):
     return checks.target_mode(OP, target)
 
 
-@torch.library.custom_op("adv_dpm::noise_inject", mutates_args=())
-def noise_inject_op(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
-                    target: str = "delta_detach") -> tuple[Tensor, Tensor]:
+def _noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
+                  target: str = "delta_detach") -> tuple[Tensor, Tensor]:
     mode = _check(x0, eps, c_signal, c_noise, delta, target)
     return backend.run(OP, "noise_inject", x0, x0, eps, c_signal, c_noise, delta, mode)
+
+
+noise_inject_op = torch.library.custom_op("adv_dpm::noise_inject", _noise_inject, mutates_args=())
 
 
 @noise_inject_op.register_fake
@@ -35,15 +37,18 @@ def _(x0, eps, c_signal, c_noise, delta=None, target="delta_detach"):
     return torch.empty_like(x0), torch.empty_like(x0)
 
 
-@torch.library.custom_op("adv_dpm::noise_inject_backward", mutates_args=())
-def noise_inject_backward_op(grad_x_t: Tensor, grad_target: Tensor, x0: Tensor, eps: Tensor, c_signal: Tensor,
-                             c_noise: Tensor, delta: Optional[Tensor], target: str,
-                             coef_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _noise_inject_backward(grad_x_t: Tensor, grad_target: Tensor, x0: Tensor, eps: Tensor, c_signal: Tensor,
+                           c_noise: Tensor, delta: Optional[Tensor], target: str,
+                           coef_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mode = _check(x0, eps, c_signal, c_noise, delta, target)
     checks.like(OP, "grad_x_t", grad_x_t, "x0", x0)
     checks.like(OP, "grad_target", grad_target, "x0", x0)
     return backend.run(OP, "noise_inject_backward", x0, grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta,
                        mode, coef_grads)
+
+
+noise_inject_backward_op = torch.library.custom_op("adv_dpm::noise_inject_backward", _noise_inject_backward,
+                                                   mutates_args=())
 
 
 @noise_inject_backward_op.register_fake
@@ -65,13 +70,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_x_t, grad_target):
     x0, eps, c_signal, c_noise, delta = ctx.saved_tensors
     coef_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = noise_inject_backward_op(
+    grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = backend.call(
+        noise_inject_backward_op, _noise_inject_backward, None,
         grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, ctx.target, coef_grads)
     return (grad_x0, grad_eps, grad_cs if coef_grads else None, grad_cn if coef_grads else None,
             grad_delta if delta is not None else None, None)
 
 
 noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
+_function = backend.autograd_function(_noise_inject, _setup_context, _backward)
 
 
 def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
@@ -82,4 +89,4 @@ def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, del
     c_noise, gradient flows through delta) or 'delta_detach' (the same value, delta detached).
     Differentiable in every tensor argument.
     """
-    return noise_inject_op(x0, eps, c_signal, c_noise, delta, target)
+    return backend.call(noise_inject_op, _noise_inject, _function, x0, eps, c_signal, c_noise, delta, target)
