@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .evaluate import PRIMARY, SAMPLERS, evaluate, fmt, markdown_table, metric_columns, plot_vs_nfe, write_csv, write_json
 from .train import TrainConfig, train
-from .utils import atomic_write
+from .utils import atomic_write, cpu_name
 
 METHODS = {   # fine-tuning variants: name -> (label, TrainConfig settings)
     "standard": ("standard", dict(mode="standard")),
@@ -197,22 +197,26 @@ def mean_ci(values, level=0.95):
     mean = sum(values) / n
     if n < 2:
         return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    sem = float(stats.sem(values))
+    if sem == 0:
+        return mean, mean, mean
+    lo, hi = stats.t.interval(level, n - 1, loc=mean, scale=sem)
+    return mean, float(lo), float(hi)
 
 
 def paired(a, b):
     """Paired comparison of per-seed values a and b (same seed order): the mean of a - b, its 95%
-    t interval, the two-sided p value and the relative change (a - b) / |mean b|."""
+    t interval, the two-sided p value of the paired t test and the relative change (a - b) / |mean b|."""
     from scipy import stats
 
     diff = [x - y for x, y in zip(a, b)]
     mean, lo, hi = mean_ci(diff)
-    p_value = math.nan
-    if len(diff) > 1:
-        se = (hi - mean) / stats.t.ppf(0.975, len(diff) - 1)
-        p_value = 2 * stats.t.sf(abs(mean) / se, len(diff) - 1) if se > 0 else float(mean == 0)
+    if len(diff) < 2:
+        p_value = math.nan
+    elif lo == hi:  # every seed differs by the same amount: no spread to test against
+        p_value = float(mean == 0)
+    else:
+        p_value = float(stats.ttest_rel(a, b).pvalue)
     base = sum(b) / len(b)
     return {"diff": mean, "diff_lo": lo, "diff_hi": hi, "p": p_value, "rel": mean / abs(base) if base else math.nan}
 
@@ -269,16 +273,8 @@ def aggregate(rows, p):
 # ---------------------------------------------------------------------------------------------
 
 def _machine():
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; {platform.platform()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; {platform.platform()}"
 
 
 def _versions():

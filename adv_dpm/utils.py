@@ -1,11 +1,21 @@
-"""Small helpers: atomic writes and image grids."""
+"""Small helpers: atomic writes, image grids, the CPU's name."""
 import contextlib
 import math
 import os
+import platform
 import tempfile
 from pathlib import Path
 
 import torch
+
+
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager

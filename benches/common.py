@@ -23,6 +23,8 @@ if (os.cpu_count() or 1) <= 4:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -32,9 +34,31 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
 
-from adv_dpm.utils import atomic_write  # noqa: E402
+from adv_dpm.utils import atomic_write, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def retain_freed_memory():
+    """Keep freed host memory in the process (glibc: trim and mmap thresholds raised to 1 GiB),
+    as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does. With glibc's
+    defaults, freeing a few MiB-sized tensors returns their pages to the OS and the next
+    allocation faults them in again: one fused GroupNorm forward+backward at 32x128x16x16 took
+    about 2000 page faults and 3.6x its time. The same setting holds for every provider.
+    ``ADV_DPM_BENCH_MALLOC=default`` keeps glibc's defaults. Returns what is in force."""
+    if os.environ.get("ADV_DPM_BENCH_MALLOC") == "default":
+        return "default"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        if libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1:
+            return "freed memory retained (glibc trim/mmap thresholds 1 GiB)"
+    except (OSError, AttributeError, TypeError):
+        pass
+    return "default (mallopt unavailable)"
+
+
+ALLOCATOR = retain_freed_memory()
 
 
 def median_seconds(fn, min_run_time):
@@ -119,12 +143,7 @@ def machine(device):
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        name = f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     try:
         import triton
         triton_version = triton.__version__
@@ -141,7 +160,8 @@ def machine(device):
         commit = None
     return {"device": name, "device_type": device, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "commit": commit, "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "commit": commit, "threads": torch.get_num_threads(),
+            "host_allocator": ALLOCATOR}
 
 
 def markdown_table(rows, columns):
@@ -182,7 +202,7 @@ def save(name, meta, rows, columns, out_dir=RESULTS):
     stem = Path(out_dir) / f"{name}-{tag}-{meta['date']}"
     atomic_write(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"# {name}\n\n{meta['device']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
-              f"CUDA {meta['cuda']}, commit {meta['commit']}"
+              f"CUDA {meta['cuda']}, commit {meta['commit']}; host allocator: {meta.get('host_allocator', 'default')}"
               f"{' (interrupted: partial)' if meta.get('partial') else ''}\n\n")
     atomic_write(stem.with_suffix(".md"), header + markdown_table(rows, columns) + "\n")
     return stem.with_suffix(".md")

@@ -88,6 +88,13 @@ def test_statistics_over_seeds():
     assert verdict(better, 3) == "better beyond the seed spread"
     assert verdict(paired([1.0, 3.0, 2.0], [2.0, 2.0, 2.0]), 3) == "no difference beyond the seed spread"
     assert verdict(paired([1.0], [2.0]), 1) == "cannot tell with one seed"
+    # differences 1, 1, 2, 1: mean 1.25, se 0.25, t = 5 with 3 degrees of freedom
+    c = paired([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 1.0, 3.0])
+    assert c["diff"] == pytest.approx(1.25) and c["p"] == pytest.approx(0.01539, abs=1e-4)
+    assert (c["diff_lo"], c["diff_hi"]) == pytest.approx((1.25 - 3.1824463 * 0.25, 1.25 + 3.1824463 * 0.25))
+    assert paired([2.0, 3.0], [1.0, 2.0])["p"] == 0.0   # the same non-zero difference on every seed
+    assert paired([2.0, 3.0], [2.0, 3.0])["p"] == 1.0
+    assert math.isnan(paired([2.0], [1.0])["p"])
 
 
 @pytest.mark.slow
@@ -127,3 +134,4 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     def scores(table):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in table]
     assert scores(read_csv(out / "results.csv")) == scores(rows)   # the redone evaluation is deterministic
+
