@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from adv_dpm.ops import backend, eager, group_norm_act, use_backend  # noqa: E402
+from adv_dpm.ops import backend, eager, group_norm_act  # noqa: E402
 
 GROUPS = 32
 # ADM's CIFAR-10 (N=128) and ImageNet-64 (N=64) activation shapes; the CPU target case first.
@@ -87,21 +87,21 @@ def bench(rows, shapes, dtypes, device, min_run_time):
             torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no stale graphs
             x, p, grad_y = inputs(shape, dtype, device)
             n = x.numel() * x.element_size()
-            providers = {"ADM eager": (None, eager.group_norm_act), "eager in dtype": (None, eager.group_norm_act_native),
-                         "compile": (None, compiled_adm())}
-            providers.update({b: (b, group_norm_act) for b in ours})
+            fns = {"ADM eager": (None, eager.group_norm_act), "eager in dtype": (None, eager.group_norm_act_native),
+                   "compile": (None, compiled_adm())}
+            fns.update({b: (b, group_norm_act) for b in ours})
             for name_pass, nbytes in (("fwd", 2 * n), ("bwd", 3 * n), ("fwd+bwd", 5 * n)):
-                copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)
-                for name, (forced, fn) in providers.items():
-                    with use_backend(forced):
-                        run = passes(fn, x, p, grad_y)[name_pass]
-                        t = common.timing(run, device, min_run_time)
-                        extra = {}
-                        if name_pass == "fwd+bwd":
-                            extra = dict(saved_mib=saved_bytes(fn, x, p) / 2**20,
-                                         peak_mib=(lambda b: None if b is None else b / 2**20)(
-                                             common.peak_memory(run, device)))
-                    rows.append(common.rate_row(t, nbytes, copy_bw, shape="x".join(map(str, shape)),
+                providers = {name: common.forced(forced, lambda fn=fn: passes(fn, x, p, grad_y)[name_pass])
+                             for name, (forced, fn) in fns.items()}
+                times = common.compare({"copy": common.copy_of(nbytes, device), **providers}, device, min_run_time)
+                copy_bw = nbytes / times["copy"]["basis_s"]
+                for name, run in providers.items():
+                    extra = {}
+                    if name_pass == "fwd+bwd":
+                        peak = common.peak_memory(run, device)
+                        extra = dict(saved_mib=saved_bytes(fns[name][1], x, p) / 2**20,
+                                     peak_mib=None if peak is None else peak / 2**20)
+                    rows.append(common.rate_row(times[name], nbytes, copy_bw, shape="x".join(map(str, shape)),
                                                 dtype=str(dtype).split(".")[-1], **{"pass": name_pass},
                                                 provider=name, **extra))
                 common.add_speedups(rows[-len(providers):], "ADM eager", "compile")

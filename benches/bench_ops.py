@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from adv_dpm.ops import adv_step, adv_step_inject, backend, eager, noise_inject, use_backend  # noqa: E402
+from adv_dpm.ops import adv_step, adv_step_inject, backend, eager, noise_inject  # noqa: E402
 
 SHAPES = {"cifar10": (128, 3, 32, 32), "imagenet64": (64, 3, 64, 64)}
 LR, RADIUS_PER_ELEMENT = 0.1, 0.1
@@ -90,14 +90,13 @@ def bench(rows, shape_names, dtypes, device, min_run_time):
             torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no stale graphs
             t = inputs(shape, dtype, device)
             for op, (nbytes, factory, ours, composite) in cases(t).items():
-                copy_bw = common.copy_bandwidth(nbytes, device, min_run_time)
-                providers = {"eager": (None, factory(composite)), "compile": (None, factory(compiled(composite)))}
-                providers.update({b: (b, factory(ours)) for b in kernel_backends(device)})
-                for name, (forced, fn) in providers.items():
-                    with use_backend(forced):
-                        t = common.timing(fn, device, min_run_time)
-                        peak = common.peak_memory(fn, device) if "bwd" in op else None
-                    rows.append(common.rate_row(t, nbytes, copy_bw, op=op, shape="x".join(map(str, shape)),
+                providers = {"eager": factory(composite), "compile": factory(compiled(composite))}
+                providers.update({b: common.forced(b, factory, ours) for b in kernel_backends(device)})
+                times = common.compare({"copy": common.copy_of(nbytes, device), **providers}, device, min_run_time)
+                copy_bw = nbytes / times["copy"]["basis_s"]
+                for name, fn in providers.items():
+                    peak = common.peak_memory(fn, device) if "bwd" in op else None
+                    rows.append(common.rate_row(times[name], nbytes, copy_bw, op=op, shape="x".join(map(str, shape)),
                                                 dtype=str(dtype).split(".")[-1], provider=name,
                                                 peak_mib=None if peak is None else peak / 2**20))
                 common.add_speedups(rows[-len(providers):], "eager", "compile")
@@ -123,7 +122,7 @@ def main(argv=None):
     columns = common.device_columns(COLUMNS, args.device)
     print(common.markdown_table([], columns))
     # CUDA launches are microseconds: a short run already holds thousands of them.
-    min_run_time = 0.2 if args.device == "cuda" else 0.3 if args.quick else 1.0
+    min_run_time = 0.1 if args.device == "cuda" else 0.3 if args.quick else 1.0
     rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
     path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")

@@ -28,12 +28,14 @@ import ctypes.util  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
 
+from adv_dpm.ops import use_backend  # noqa: E402
 from adv_dpm.utils import atomic_write, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +64,7 @@ ALLOCATOR = retain_freed_memory()
 
 
 def median_seconds(fn, min_run_time):
-    fn()  # warm-up (compilation, autotuning, allocator)
+    """Median seconds per call of fn over repeated runs of at least ``min_run_time`` in all."""
     return tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) \
         .blocked_autorange(min_run_time=min_run_time).median
 
@@ -91,19 +93,46 @@ def graph_seconds(fn, min_run_time, calls=10):
     return median_seconds(graph.replay, min_run_time) / calls
 
 
-def timing(fn, device, min_run_time):
-    """{'us': median µs as called, 'gpu_us': µs of the GPU work alone (CUDA), 'basis_s': the
-    seconds the rates use: the GPU-only time where there is one}."""
-    wall = median_seconds(fn, min_run_time)
-    gpu = graph_seconds(fn, min_run_time) if device == "cuda" else None
-    return {"us": wall * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "basis_s": gpu or wall}
+def compare(fns, device, min_run_time, rounds=5):
+    """{name: timing} of the callables ``fns`` ({name: fn}) measured side by side: ``rounds``
+    rounds each time every fn in turn for min_run_time / rounds, and a figure is the median
+    over the rounds, so a drift of the machine's speed (other tenants, clocks) reaches every
+    provider alike instead of whichever ran during it. A timing is {'us': median µs as called,
+    'gpu_us': µs of the GPU work alone (CUDA, else None), 'basis_s': the seconds rates use,
+    the GPU-only time where there is one}."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation, autotuning, allocator)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(median_seconds(fn, min_run_time / rounds))
+    timings = {}
+    for name, fn in fns.items():
+        wall = statistics.median(samples[name])
+        gpu = graph_seconds(fn, min_run_time) if device == "cuda" else None
+        timings[name] = {"us": wall * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "basis_s": gpu or wall}
+    return timings
 
 
-def copy_bandwidth(nbytes, device, min_run_time):
-    """Bytes per second of dst.copy_(src) moving ``nbytes`` in total (read + write)."""
+def copy_of(nbytes, device):
+    """A same-size copy, dst.copy_(src) moving ``nbytes`` in all (read + write): the practical
+    ceiling of a memory-bound op."""
     src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / timing(lambda: dst.copy_(src), device, min_run_time)["basis_s"]
+    return lambda: dst.copy_(src)
+
+
+def forced(backend, factory, *args):
+    """The callable ``factory(*args)``, built and run with the fused ops' backend ``backend``
+    forced (None: automatic). Building matters too: an autograd graph made there runs its
+    backward on the backend of its forward."""
+    with use_backend(backend):
+        fn = factory(*args)
+
+    def run():
+        with use_backend(backend):
+            return fn()
+    return run
 
 
 def rate_row(t, nbytes, copy_bw, **fields):

@@ -130,3 +130,25 @@ def test_direct_eager_path_equals_the_registered_op_for_adv_step():
     delta, grad = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
     for a, b in zip(adv_step(delta, grad, 0.5, 2.0), module.adv_step_op(delta, grad, 0.5, 2.0)):
         assert torch.equal(a, b)
+
+
+def test_a_forced_backend_holds_for_the_backward_run_on_another_thread(monkeypatch):
+    """CUDA autograd runs backward on its own thread, outside the caller's use_backend block;
+    the backend forced for the forward must still run the backward."""
+    import threading
+
+    from adv_dpm.ops import reference
+    calls = []
+    original = reference.noise_inject_backward
+    monkeypatch.setattr(reference, "noise_inject_backward", lambda *a: calls.append(1) or original(*a))
+    backend.implementation.cache_clear()
+    try:
+        x = torch.randn(2, 3, requires_grad=True)
+        with use_backend("reference"):
+            x_t, _ = noise_inject(x, torch.randn(2, 3), torch.ones(2), torch.ones(2))
+        worker = threading.Thread(target=lambda: x_t.sum().backward())
+        worker.start()
+        worker.join()
+    finally:
+        backend.implementation.cache_clear()
+    assert calls and x.grad is not None

@@ -32,7 +32,8 @@ def _checked(name):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Force every fused op inside the block to run on backend ``name`` (None: automatic)."""
+    """Force every fused op inside the block to run on backend ``name`` (None: automatic); the
+    backward of an op run in the block runs there too, wherever autograd runs it."""
     token = _forced.set(_checked(name))
     try:
         yield

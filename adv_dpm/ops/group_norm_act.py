@@ -103,15 +103,16 @@ def _(grad_y, x, mean, rstd, weight, bias, scale, shift, num_groups, act):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, _, scale, shift, act = inputs
-    ctx.num_groups, ctx.act = num_groups, act
+    ctx.num_groups, ctx.act, ctx.forced_backend = num_groups, act, backend.forced_backend()
     ctx.save_for_backward(x, output[1], output[2], weight, bias, scale, shift)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-    grad_x, gw, gb, gscale, gshift = backend.call(group_norm_act_backward_op, _group_norm_act_backward, None,
-                                                  grad_y, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups,
-                                                  ctx.act)
+    with backend.use_backend(ctx.forced_backend):  # CUDA autograd runs this on another thread
+        grad_x, gw, gb, gscale, gshift = backend.call(group_norm_act_backward_op, _group_norm_act_backward, None,
+                                                      grad_y, x, mean, rstd, weight, bias, scale, shift,
+                                                      ctx.num_groups, ctx.act)
     some = lambda g, p: None if p is None else g  # noqa: E731
     return grad_x, some(gw, weight), some(gb, bias), None, None, some(gscale, scale), some(gshift, shift), None
 

@@ -63,16 +63,17 @@ def _(grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, target, coef_gra
 
 def _setup_context(ctx, inputs, output):
     x0, eps, c_signal, c_noise, delta, target = inputs
-    ctx.target = target
+    ctx.target, ctx.forced_backend = target, backend.forced_backend()
     ctx.save_for_backward(x0, eps, c_signal, c_noise, delta)
 
 
 def _backward(ctx, grad_x_t, grad_target):
     x0, eps, c_signal, c_noise, delta = ctx.saved_tensors
     coef_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = backend.call(
-        noise_inject_backward_op, _noise_inject_backward, None,
-        grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, ctx.target, coef_grads)
+    with backend.use_backend(ctx.forced_backend):  # CUDA autograd runs this on another thread
+        grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = backend.call(
+            noise_inject_backward_op, _noise_inject_backward, None,
+            grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, ctx.target, coef_grads)
     return (grad_x0, grad_eps, grad_cs if coef_grads else None, grad_cn if coef_grads else None,
             grad_delta if delta is not None else None, None)
 
