@@ -145,6 +145,24 @@ def test_coefficient_gradients_only_when_needed(pair):
     assert cs.grad is None and cn.grad is None
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_delta_gradient_without_coefficient_gradients(pair, target):
+    """The usual free-AT backward (coefficients without gradient): grad_delta is grad_x_t for
+    'original' and 'delta_detach' (passed through, no copy written), plus grad_target / c_noise
+    for 'delta'; grad_eps and grad_x0 as the formulas say."""
+    x0, eps, cs, cn, delta, _ = make_args(CASES[0], torch.float32, pair[0])
+    x0, eps, delta = (t.detach().requires_grad_() for t in (x0, eps, delta))
+    g_xt, g_t = torch.randn_like(x0), torch.randn_like(x0)
+    with use_pair(pair):
+        grad_x0, grad_eps, grad_delta = torch.autograd.grad(noise_inject(x0, eps, cs, cn, delta, target),
+                                                            (x0, eps, delta), (g_xt, g_t))
+    per_sample = lambda c: c.reshape(-1, 1, 1, 1)  # noqa: E731
+    expected_delta = g_xt + g_t / per_sample(cn) if target == "delta" else g_xt
+    torch.testing.assert_close(grad_delta, expected_delta)
+    torch.testing.assert_close(grad_eps, per_sample(cn) * g_xt + g_t)
+    torch.testing.assert_close(grad_x0, per_sample(cs) * g_xt)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(eps=torch.randn(4, 3, 8, 7)), ValueError, r"eps must have the shape of x0 \(4, 3, 8, 8\)"),
     (dict(delta=torch.randn(4, 3, 8, 8, dtype=torch.float64)), TypeError, r"delta must have the dtype of x0"),

@@ -70,12 +70,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_x_t, grad_target):
     x0, eps, c_signal, c_noise, delta = ctx.saved_tensors
     coef_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    # Unless the target depends on delta ('delta') or the coefficient gradients read it,
+    # grad_delta is grad_x_t itself: the kernel then gets no delta and writes no copy.
+    kernel_delta = delta if delta is not None and (ctx.target == "delta" or coef_grads) else None
     with backend.use_backend(ctx.forced_backend):  # CUDA autograd runs this on another thread
         grad_x0, grad_eps, grad_delta, grad_cs, grad_cn = backend.call(
             noise_inject_backward_op, _noise_inject_backward, None,
-            grad_x_t, grad_target, x0, eps, c_signal, c_noise, delta, ctx.target, coef_grads)
-    return (grad_x0, grad_eps, grad_cs if coef_grads else None, grad_cn if coef_grads else None,
-            grad_delta if delta is not None else None, None)
+            grad_x_t, grad_target, x0, eps, c_signal, c_noise, kernel_delta, ctx.target, coef_grads)
+    if delta is None:
+        grad_delta = None
+    elif kernel_delta is None:
+        grad_delta = grad_x_t
+    return (grad_x0, grad_eps, grad_cs if coef_grads else None, grad_cn if coef_grads else None, grad_delta, None)
 
 
 noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
