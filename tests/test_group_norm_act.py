@@ -140,6 +140,24 @@ def test_opcheck(pair):
                               (grad_y, x, mean, rstd, None, None, None, None, groups, None))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_silu_saturates_at_extreme_pre_activations(pair, dtype):
+    """Pre-activations far beyond exp's float range (|z| up to about 300): SiLU's limits z and 0,
+    forward and backward, as the oracle."""
+    x, _, _, groups, eps, scale, shift, act = make_args(CASES[0], dtype, pair[0])
+    c = x.shape[1]
+    w = torch.linspace(-100.0, 100.0, c, device=x.device)  # z = xhat * w: |z| up to ~300
+    args = (x, w, torch.zeros(c, device=x.device), groups, eps, scale, shift, act)
+    with use_pair(pair):
+        y = group_norm_act(*args)
+    assert torch.isfinite(y).all()
+    assert_within_budget("y", y.cpu(), ref_forward(args)[0], eager.group_norm_act(*args).cpu())
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    with use_pair(pair):
+        grad_x = torch.autograd.grad(group_norm_act(*leaves), leaves[0], torch.ones_like(x))[0]
+    assert torch.isfinite(grad_x).all()
+
+
 def test_backward_is_deterministic(pair):
     args = make_args(((4, 64, 16, 16), 32, "channels_last", "shifted", "wbss", "silu"), torch.float32, pair[0])
     grad_y = torch.randn_like(args[0])
