@@ -21,12 +21,12 @@
 // on the thread count or schedule (no atomics). Element arithmetic is in the accumulation type
 // (fp32, fp64 for fp64 x); the few per-channel combinations run in double.
 //
-// SIMD. The extension is built without CPU-specific flags (setup.py), where at::vec::Vectorized
-// is its generic array-of-scalars form and compiles to scalar code. With GCC or Clang the kernels
-// use the compilers' vector extensions instead: 16-byte vectors (the x86-64 / AArch64 baseline),
-// and on x86-64 32- or 64-byte vectors in AVX2 / AVX-512F clones chosen at run time. Lanes only
-// change the order of the per-row vector sums (and so their rounding), not the partition. Other
-// compilers use at::vec::Vectorized.
+// SIMD. setup.py builds with the SIMD flags of torch's CPU capability (ADV_DPM_CPU_SIMD=none
+// builds for any x86-64 CPU). With GCC or Clang the kernels use the compilers' vector extensions:
+// 16-byte vectors (the x86-64 / AArch64 baseline), and on x86-64 32- or 64-byte vectors in AVX2 /
+// AVX-512F clones chosen at run time; where the build enables AVX-512F, the 64-byte float exp
+// uses vscalefps. Lanes only change the order of the per-row vector sums (and so their rounding),
+// not the partition. Other compilers use at::vec::Vectorized.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
