@@ -182,8 +182,9 @@ def machine(device):
         root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        # Changes to result files (an earlier benchmark of the same run) do not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benches/results"], cwd=root, capture_output=True, text=True).stdout.strip()
         commit = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
         commit = None
