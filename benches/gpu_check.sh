@@ -2,8 +2,8 @@
 # Every GPU check in one call, for a machine with a CUDA build of torch and a GPU:
 # build adv_dpm._C with its CUDA kernels, run the CUDA tests (CUDA C++ and Triton on the GPU),
 # run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
-# gpu_check.log (every step's output, then a summary) and the benchmarks'
-# <name>-<device>-<date>.{md,json}. (Few files: a device call returns at most 8.)
+# gpu_check.log (every step's output, then a summary), the benchmarks'
+# <name>-<device>-<date>.{md,json} and targets.md. (Few files: a device call returns at most 8.)
 # Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests gn train ops"); a benchmark
 # stopped at its limit keeps the rows it measured. About 8 minutes on an H100.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
@@ -47,4 +47,5 @@ step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -
 step bench_group_norm "$T_GN" "$PY" benches/bench_group_norm.py --device cuda --out "$OUT"
 step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
 step bench_ops "$T_OPS" "$PY" benches/bench_ops.py --device cuda --out "$OUT"
+"$PY" benches/targets.py "$OUT" >"$OUT/targets.md" 2>>"$LOG"  # the issues' targets, met or not
 finish
