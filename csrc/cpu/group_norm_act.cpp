@@ -98,6 +98,15 @@ struct Simd {
   static C10_ALWAYS_INLINE void storeu(acc* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
   static C10_ALWAYS_INLINE acc lane(const V& v, int64_t i) { return v[i]; }
 
+  // c[0] + x c[1] + x^2 c[2] + ... by Horner's rule.
+  template <size_t N>
+  static C10_ALWAYS_INLINE V poly(const V& x, const float (&c)[N]) {
+    V p = bcast(c[N - 1]);
+#pragma GCC unroll 8
+    for (size_t i = N - 1; i-- > 0;) p = p * x + c[i];
+    return p;
+  }
+
   // exp on every lane. float: Cephes' polynomial (about 1 ulp); below about -87.3 it flushes to
   // 0 and above about 88.0 it may give inf, which suits its one use, sigmoid(z) = 1 / (1 + exp(-z)),
   // where both ends are the exact limits. double: std::exp.
@@ -110,14 +119,8 @@ struct Simd {
         // gives the limits 0 and inf for large |v|: half the instructions of the form below.
         const V t = v * 1.44269504088896341f;
         const V n = (V)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const V f = t - n;
-        V p = bcast(1.5403530393381609e-4f);
-        p = p * f + 1.3333558146428443e-3f;
-        p = p * f + 9.6181291076284772e-3f;
-        p = p * f + 5.5504108664821580e-2f;
-        p = p * f + 2.4022650695910071e-1f;
-        p = p * f + 6.9314718055994531e-1f;
-        p = p * f + 1.0f;
+        const V p = poly(t - n, {1.0f, 6.9314718055994531e-1f, 2.4022650695910071e-1f, 5.5504108664821580e-2f,
+                                 9.6181291076284772e-3f, 1.3333558146428443e-3f, 1.5403530393381609e-4f});
         return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
       }
 #endif
@@ -134,12 +137,8 @@ struct Simd {
       V pow2n;
       std::memcpy(&pow2n, &p2, sizeof(pow2n));
       const V r = x - fn * 0.693359375f - fn * -2.12194440e-4f;
-      V p = bcast(1.9875691500e-4f);
-      p = p * r + 1.3981999507e-3f;
-      p = p * r + 8.3334519073e-3f;
-      p = p * r + 4.1665795894e-2f;
-      p = p * r + 1.6666665459e-1f;
-      p = p * r + 5.0000001201e-1f;
+      const V p = poly(r, {5.0000001201e-1f, 1.6666665459e-1f, 4.1665795894e-2f, 8.3334519073e-3f,
+                           1.3981999507e-3f, 1.9875691500e-4f});
       return (p * r * r + r + 1.0f) * pow2n;
     } else {
       V out = v;
