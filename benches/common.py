@@ -136,7 +136,7 @@ def forced(backend, factory, *args):
 
 
 def rate_row(t, nbytes, copy_bw, **fields):
-    """A result row from ``timing``'s ``t``: times, GB/s and fraction of copy bandwidth."""
+    """A result row from a timing ``t`` of ``compare``: times, GB/s and fraction of copy bandwidth."""
     sec = t["basis_s"]
     return dict(fields, us=t["us"], gpu_us=t["gpu_us"], gbps=nbytes / sec / 1e9, of_copy=nbytes / sec / copy_bw,
                 bytes=nbytes)
