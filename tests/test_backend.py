@@ -151,3 +151,34 @@ def test_a_forced_backend_holds_for_the_backward_run_on_another_thread(monkeypat
     finally:
         backend.implementation.cache_clear()
     assert calls and x.grad is not None
+
+
+@pytest.mark.parametrize("family", ["noise_inject", "group_norm_act"])
+def test_forward_mode_and_functorch_transforms_differentiate_the_op(family):
+    """The kernels' autograd formulas are first-order reverse mode; under torch.func.jvp,
+    torch.func.grad, vmap and dual tensors the ops run on the reference and give the
+    derivatives of the PyTorch composite, not zeros or errors."""
+    from torch.autograd import forward_ad
+
+    from adv_dpm.ops import eager
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 4, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if family == "noise_inject":
+        eps, delta = torch.randn(x.shape, generator=g, dtype=torch.float64), 0.1 * v
+        coef = torch.rand(3, generator=g, dtype=torch.float64) + 0.1
+        fused = lambda x: sum(noise_inject(x, eps, coef, coef, delta, "delta"))  # noqa: E731
+        plain = lambda x: sum(eager.noise_inject(x, eps, coef, coef, delta, "delta"))  # noqa: E731
+    else:
+        from adv_dpm.ops import group_norm_act
+        w, b, scale, shift = (torch.randn(s, generator=g, dtype=torch.float64) for s in (8, 8, (3, 8), (3, 8)))
+        fused = lambda x: group_norm_act(x, w, b, 4, 1e-5, scale, shift)  # noqa: E731
+        plain = lambda x: eager.group_norm_act(x, w, b, 4, 1e-5, scale, shift)  # noqa: E731
+    expected = torch.func.jvp(plain, (x,), (v,))[1]
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(torch.func.jvp(fused, (x,), (v,))[1], expected)
+    with forward_ad.dual_level():
+        torch.testing.assert_close(forward_ad.unpack_dual(fused(forward_ad.make_dual(x, v))).tangent, expected)
+    loss = lambda f: lambda x: (f(x) ** 2).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(loss(fused))(x), torch.func.grad(loss(plain))(x))
+    torch.testing.assert_close(torch.func.vmap(fused)(x[None].expand(2, *x.shape)), plain(x)[None].expand(2, *x.shape))

@@ -124,6 +124,7 @@ def test_gradcheck_float64(pair, act):
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     with use_pair(pair):
         assert torch.autograd.gradcheck(group_norm_act, leaves)
+        assert torch.autograd.gradgradcheck(group_norm_act, leaves)   # create_graph: recomputed on the reference
 
 
 def test_opcheck(pair):

@@ -109,6 +109,7 @@ def test_gradcheck_float64(pair, target):
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     with use_pair(pair):
         assert torch.autograd.gradcheck(noise_inject, leaves)
+        assert torch.autograd.gradgradcheck(noise_inject, leaves)   # create_graph: recomputed on the reference
 
 
 def test_opcheck(pair):

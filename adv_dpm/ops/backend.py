@@ -146,8 +146,14 @@ def call(op, impl, function, *args):
     of the registered custom op ``op``) directly, inside ``function`` (an autograd.Function
     with the op's own autograd formula) when a gradient is needed: the same code and results
     without the custom-op dispatch layers (50-100 µs of Python per call, more than a GPU
-    kernel at the CIFAR-10 batch). Compiling, tracing, tensor subclasses, functorch transforms and
-    gradients through an op without a formula (``function`` None) go through ``op``."""
+    kernel at the CIFAR-10 batch). Compiling, tracing, tensor subclasses and gradients through
+    an op without a formula (``function`` None) go through ``op``. The ops' autograd formulas
+    are first-order reverse mode, so under forward-mode AD and functorch transforms (jvp, grad,
+    jacrev, vmap) the op runs on the reference backend, plain PyTorch that every mode differentiates."""
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                              or torch.autograd.forward_ad._current_level >= 0):
+        with use_backend("reference"):  # pure PyTorch: differentiable in every mode
+            return impl(*args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active() or any(type(t) not in _PLAIN for t in tensors)):
@@ -155,6 +161,24 @@ def call(op, impl, function, *args):
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return op(*args) if function is None else function.apply(*args)
     return impl(*args)
+
+
+def double_backward():
+    """Whether an op's backward runs under create_graph=True (its result must be differentiable)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def recomputed_grads(impl, args, grads):
+    """The gradients of ``impl(*args)`` for its tensor arguments (None for the others) as a
+    differentiable graph: the forward recomputed on the reference backend and differentiated
+    with create_graph=True. The double backward of an op whose kernels' backward is first order."""
+    with use_backend("reference"), torch.enable_grad():
+        outputs = impl(*args)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True) if pairs and wrt else [None] * len(wrt))
+    return tuple(next(found) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
 
 def autograd_function(impl, setup_context, backward):

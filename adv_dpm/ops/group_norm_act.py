@@ -102,13 +102,16 @@ def _(grad_y, x, mean, rstd, weight, bias, scale, shift, num_groups, act):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, _, scale, shift, act = inputs
-    ctx.num_groups, ctx.act, ctx.forced_backend = num_groups, act, backend.forced_backend()
+    x, weight, bias, num_groups, eps, scale, shift, act = inputs
+    ctx.num_groups, ctx.eps, ctx.act, ctx.forced_backend = num_groups, eps, act, backend.forced_backend()
     ctx.save_for_backward(x, output[1], output[2], weight, bias, scale, shift)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+    if backend.double_backward():
+        return backend.recomputed_grads(_group_norm_act, (x, weight, bias, ctx.num_groups, ctx.eps, scale, shift,
+                                                          ctx.act), (grad_y, None, None))
     with backend.use_backend(ctx.forced_backend):  # CUDA autograd runs this on another thread
         grad_x, gw, gb, gscale, gshift = backend.call(group_norm_act_backward_op, _group_norm_act_backward, None,
                                                       grad_y, x, mean, rstd, weight, bias, scale, shift,

@@ -69,6 +69,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_x_t, grad_target):
     x0, eps, c_signal, c_noise, delta = ctx.saved_tensors
+    if backend.double_backward():
+        return backend.recomputed_grads(_noise_inject, (x0, eps, c_signal, c_noise, delta, ctx.target),
+                                        (grad_x_t, grad_target))
     coef_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     # Unless the target depends on delta ('delta') or the coefficient gradients read it,
     # grad_delta is grad_x_t itself: the kernel then gets no delta and writes no copy.
