@@ -1,5 +1,7 @@
 """Drop-in modules on the fused ops, and ``patch_model`` to put them into an existing model."""
-import types
+import copy
+import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -30,21 +32,54 @@ class GroupNormAct(nn.GroupNorm):
     @classmethod
     def replacing(cls, norm, act):
         """A GroupNormAct sharing ``norm``'s parameters (same Parameter objects: optimizer state stays valid)."""
-        new = cls(norm.num_groups, norm.num_channels, norm.eps, affine=False, act=act)
-        new.weight, new.bias = norm.weight, norm.bias
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, affine=norm.affine, act=act)
+        if norm.affine:
+            new.weight, new.bias = norm.weight, norm.bias
         new.train(norm.training)
         return new
 
 
+def _hooked(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _is_plain_norm(m):
+    """A module whose forward is exactly GroupNorm(x) with its weight, bias, num_groups and eps."""
+    return not _hooked(m) and ((isinstance(m, nn.GroupNorm) and type(m).forward is nn.GroupNorm.forward)
+                               or (type(m) is GroupNormAct and m.act is None))
+
+
+def _is_silu(m):
+    return type(m) is nn.SiLU and not _hooked(m)
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential whose GroupNorm -> SiLU pairs run as one fused call. Its modules are
+    unchanged, so indexing or slicing it (as ADM's blocks do) still gives each module alone."""
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if i + 1 < len(modules) and _is_plain_norm(m) and _is_silu(modules[i + 1]):
+                x = group_norm_act(x, m.weight, m.bias, m.num_groups, m.eps, act="silu")
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
+
+
 class Replacement(NamedTuple):
     name: str        # qualified name in the model ("<block>._forward" for a rebound forward)
-    old: object      # the module (or method) that was there
+    old: object      # the module, method or class that was there
     new: object
 
 
 def _scale_shift_forward(self, x, emb):
-    """ADM's ResBlock._forward with its scale-shift norm + SiLU tail fused."""
-    if self.updown:
+    """ADM's ResBlock._forward with its scale-shift norm + SiLU tail as one fused call."""
+    if getattr(self, "updown", False):
         in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
         h = in_rest(x)
         h = self.h_upd(h)
@@ -54,53 +89,130 @@ def _scale_shift_forward(self, x, emb):
         h = self.in_layers(x)
     emb_out = self.emb_layers(emb).type(h.dtype)
     scale, shift = emb_out.reshape(emb_out.shape[0], -1).chunk(2, dim=1)
-    h = self.out_layers[0](h, scale, shift)   # GroupNormAct(act='silu'); out_layers[1] became Identity
+    norm = self.out_layers[0]
+    h = group_norm_act(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, "silu")
     h = self.out_layers[2:](h)
     return self.skip_connection(x) + h
 
 
-def _is_adm_scale_shift_block(m):
+def _close(out, ref):
+    """Whether a probe's output matches the original's (dtype, shape, values within the dtype's rounding)."""
+    if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)) or out.dtype != ref.dtype \
+            or out.shape != ref.shape:
+        return False
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 3e-2
+    return bool(((out.float() - ref.float()).abs().max() <= tol * max(1.0, ref.float().abs().max().item())).item())
+
+
+def _randn(shape, like, gen):
+    return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
+
+
+def _silu_equivalent(m):
+    """A parameterless SiLU/Swish module of another class (improved-diffusion writes its own)
+    that computes SiLU: checked on a probe."""
+    name = type(m).__name__.lower()
+    if type(m) is nn.SiLU or not ("silu" in name or "swish" in name) or _hooked(m) \
+            or any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or m._modules:
+        return False
+    x = torch.linspace(-8, 8, 257).reshape(1, 257)
+    try:
+        return _close(m(x.clone()), torch.nn.functional.silu(x))
+    except Exception:  # noqa: BLE001 (any failure means "not SiLU")
+        return False
+
+
+def _norm_subclass_equivalent(m):
+    """A GroupNorm subclass with its own forward (such as ADM's GroupNorm32: fp32 statistics,
+    output in the input dtype) that computes what GroupNormAct(act=None) does: no state beyond
+    weight and bias, and the same outputs on fp32 and bf16 probes."""
+    if not isinstance(m, nn.GroupNorm) or _is_plain_norm(m) or isinstance(m, GroupNormAct) or _hooked(m) \
+            or {n for n, _ in m.named_parameters()} - {"weight", "bias"} or any(True for _ in m.buffers()) \
+            or m._modules:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    like = m.weight if m.affine else torch.empty(0)
+    x = 1 + 2 * _randn((2, m.num_channels, 3, 3), like, gen).float()
+    fused = GroupNormAct.replacing(m, None)
+    try:
+        with torch.no_grad():
+            return all(_close(fused(x.to(dtype)), m(x.to(dtype))) for dtype in (torch.float32, torch.bfloat16))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _scale_shift_block_problem(m):
+    """Why ``m`` is not an ADM-style residual block whose scale-shift tail can be fused, or None.
+
+    The block must look like ADM's ResBlock (in_layers, emb_layers, out_layers = [GroupNorm,
+    SiLU, ...], use_scale_shift_norm, ``_forward(x, emb)``), and ``_scale_shift_forward`` must
+    reproduce its ``_forward`` on a probe: a copy with random weights (ADM zero-initialises the
+    last convolution, which would hide the tail) in eval mode."""
     layers = getattr(m, "out_layers", None)
-    return (getattr(m, "use_scale_shift_norm", False) and hasattr(m, "emb_layers") and hasattr(m, "in_layers")
-            and isinstance(layers, nn.Sequential) and len(layers) >= 2 and isinstance(layers[0], nn.GroupNorm)
-            and isinstance(layers[1], nn.SiLU) and hasattr(m, "_forward"))
+    if not (getattr(m, "use_scale_shift_norm", False) and isinstance(getattr(m, "in_layers", None), nn.Sequential)
+            and isinstance(getattr(m, "emb_layers", None), nn.Module) and isinstance(layers, nn.Sequential)
+            and len(layers) >= 2 and _is_plain_norm(layers[0]) and _is_silu(layers[1]) and hasattr(m, "_forward")):
+        return "not an ADM-style scale-shift block"
+    conv = next((c for c in m.in_layers.modules() if isinstance(c, nn.modules.conv._ConvNd)), None)
+    linear = next((c for c in m.emb_layers.modules() if isinstance(c, nn.Linear)), None)
+    norm = m.in_layers[0]
+    if conv is None or linear is None or not isinstance(norm, nn.GroupNorm):
+        return "no GroupNorm, convolution or Linear where ADM's ResBlock has them"
+    gen = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(m).eval()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(0.5 * _randn(p.shape, p, gen))
+        x = _randn((2, norm.num_channels, *[8] * len(conv.kernel_size)), conv.weight, gen)
+        emb = _randn((2, linear.in_features), linear.weight, gen)
+        try:
+            ref, out = probe._forward(x, emb), _scale_shift_forward(probe, x, emb)
+        except Exception as e:  # noqa: BLE001
+            return f"the fused forward fails on a probe ({type(e).__name__}: {e})"
+    return None if _close(out, ref) else "its _forward differs from ADM's ResBlock._forward on a probe"
+
+
+def _is_patched_block(m):
+    forward = m.__dict__.get("_forward")
+    return isinstance(forward, functools.partial) and forward.func is _scale_shift_forward
 
 
 def patch_model(model: nn.Module) -> list[Replacement]:
-    """Replace, in place, the GroupNorm patterns of ``model`` by fused GroupNormAct modules.
+    """Replace, in place, the GroupNorm patterns of ``model`` by fused calls; returns what was replaced.
 
-    - ADM-style residual blocks with ``use_scale_shift_norm`` (attributes in_layers,
-      emb_layers, out_layers = [GroupNorm, SiLU, ...], updown, skip_connection): their
-      GN * (1 + scale) + shift -> SiLU tail becomes one fused call (``_forward`` is rebound);
-    - a GroupNorm (or subclass, e.g. ADM's GroupNorm32) directly followed by SiLU inside an
-      nn.Sequential: fused, the SiLU becomes nn.Identity;
-    - any other GroupNorm (or subclass): GroupNormAct(act=None).
-    Parameters are shared, not copied. Returns what was replaced.
+    - GroupNorm subclasses with their own forward, such as ADM's GroupNorm32, become
+      GroupNormAct(act=None) when they compute the same thing (checked on a probe);
+      parameterless SiLU classes of other libraries become nn.SiLU (checked likewise);
+    - nn.Sequentials with a GroupNorm directly followed by SiLU become FusedSequential, which
+      runs the pair as one call when the Sequential is called as a whole (its modules stay);
+    - ADM-style residual blocks with ``use_scale_shift_norm``: the GN * (1 + scale) + shift ->
+      SiLU tail of ``_forward`` becomes one fused call, where a probe shows the block's own
+      ``_forward`` computes the same; otherwise the block is left as is, with a warning.
+    Modules with hooks are left as they are. Parameters are shared, not copied: state_dicts
+    and optimizers keep working. Patching twice changes nothing.
     """
     done = []
-
-    def swap(parent, key, parent_name, new):
-        name = f"{parent_name}.{key}" if parent_name else str(key)
-        done.append(Replacement(name, parent._modules[str(key)], new))
-        parent._modules[str(key)] = new
-
-    for name, m in list(model.named_modules()):
-        if _is_adm_scale_shift_block(m) and not isinstance(m.out_layers[0], GroupNormAct):
-            prefix = f"{name}.out_layers" if name else "out_layers"
-            swap(m.out_layers, 0, prefix, GroupNormAct.replacing(m.out_layers[0], "silu"))
-            swap(m.out_layers, 1, prefix, nn.Identity())
-            old_forward, m._forward = m._forward, types.MethodType(_scale_shift_forward, m)
-            done.append(Replacement(f"{name}._forward" if name else "_forward", old_forward, m._forward))
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Sequential):
-            keys = list(m._modules)
-            for a, b in zip(keys, keys[1:]):
-                norm, act = m._modules[a], m._modules[b]
-                if isinstance(norm, nn.GroupNorm) and not isinstance(norm, GroupNormAct) and isinstance(act, nn.SiLU):
-                    swap(m, a, name, GroupNormAct.replacing(norm, "silu"))
-                    swap(m, b, name, nn.Identity())
     for name, m in list(model.named_modules()):
         for key, child in list(m._modules.items()):
-            if isinstance(child, nn.GroupNorm) and not isinstance(child, GroupNormAct):
-                swap(m, key, name, GroupNormAct.replacing(child, None))
+            new = (GroupNormAct.replacing(child, None) if _norm_subclass_equivalent(child)
+                   else nn.SiLU() if _silu_equivalent(child) else None)
+            if new is not None:
+                done.append(Replacement(f"{name}.{key}" if name else key, child, new))
+                m._modules[key] = new
+    for name, m in list(model.named_modules()):
+        if _is_patched_block(m):
+            continue
+        problem = _scale_shift_block_problem(m)
+        if problem is None:
+            old_forward, m._forward = m._forward, functools.partial(_scale_shift_forward, m)
+            done.append(Replacement(f"{name}._forward" if name else "_forward", old_forward, m._forward))
+        elif problem != "not an ADM-style scale-shift block":
+            warnings.warn(f"patch_model: the scale-shift tail of {name or 'the model'} ({type(m).__name__}) stays "
+                          f"unfused: {problem}", stacklevel=2)
+    for name, m in list(model.named_modules()):
+        items = list(m._modules.values())
+        if type(m) is nn.Sequential and not _hooked(m) and any(
+                _is_plain_norm(a) and _is_silu(b) for a, b in zip(items, items[1:])):
+            m.__class__ = FusedSequential
+            done.append(Replacement(name, nn.Sequential, FusedSequential))
     return done

@@ -1,11 +1,12 @@
 """GroupNormAct as a drop-in, and patch_model on an ADM-style UNet piece: same outputs and gradients."""
 import copy
+import io
 
 import pytest
 import torch
 from torch import nn
 
-from adv_dpm.nn import GroupNormAct, patch_model
+from adv_dpm.nn import FusedSequential, GroupNormAct, patch_model
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -82,6 +83,7 @@ def test_patched_model_gives_the_same_outputs_and_gradients(memory_format):
     kinds = sorted(type(r.new).__name__ for r in replaced)
     assert kinds.count("GroupNormAct") == 8    # 2 scale-shift tails, 5 in Sequentials, 1 alone
     assert sum(r.name.endswith("._forward") for r in replaced) == 2
+    assert sum(r.new is FusedSequential for r in replaced) == 7   # in_layers, out_layers, out
     assert not any(isinstance(m, GroupNorm32) for m in patched.modules())
 
     x = torch.randn(2, 3, 16, 16).to(memory_format=memory_format)
@@ -124,3 +126,115 @@ def test_half_precision_activations_with_fp32_parameters_like_adm():
     assert y.dtype == torch.bfloat16 and norm.weight.dtype == torch.float32
     expected = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias))
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def randomized(model, seed=0):
+    torch.manual_seed(seed)
+    for p in model.parameters():   # zero-initialised convs would hide differences
+        nn.init.normal_(p, std=0.3)
+    return model
+
+
+def assert_same_function(model, patched, x, *rest):
+    torch.testing.assert_close(patched(x, *rest), model(x, *rest), rtol=1e-4, atol=1e-5)
+
+
+class RescaledResBlock(ResBlock):
+    """A fork whose _forward differs from ADM's (residual scaled by 1/sqrt(2))."""
+
+    def _forward(self, x, emb):
+        return super()._forward(x, emb) / 2 ** 0.5
+
+
+class InlineResBlock(ResBlock):
+    """A fork that writes the scale-shift tail in forward() and calls out_layers piecewise."""
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        h = self.out_layers[0](h) * (1 + scale) + shift
+        return self.skip_connection(x) + self.out_layers[1:](h)
+
+
+class Swish(nn.Module):
+    """improved-diffusion's own SiLU class."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class NoUpdownResBlock(ResBlock):
+    """improved-diffusion's ResBlock: no updown attribute, its own SiLU class."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        del self.updown
+        for seq in (self.in_layers, self.out_layers, self.emb_layers):
+            for key, m in seq._modules.items():
+                if isinstance(m, nn.SiLU):
+                    seq._modules[key] = Swish()
+
+    def _forward(self, x, emb):
+        self.updown = False
+        try:
+            return super()._forward(x, emb)
+        finally:
+            del self.updown
+
+
+def test_only_blocks_whose_forward_is_adms_get_the_fused_tail():
+    """A block's _forward is replaced only where a probe shows it is ADM's; an inline tail that
+    calls out_layers piecewise keeps its meaning (FusedSequential fuses only whole calls)."""
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 16)
+    for block, fused_tail in [(RescaledResBlock(8, 16, 8, True), False), (InlineResBlock(8, 16, 8, True), True),
+                              (NoUpdownResBlock(8, 16, 8, True), True)]:
+        model = randomized(block)
+        patched = copy.deepcopy(model)
+        if fused_tail:
+            replaced = patch_model(patched)
+        else:
+            with pytest.warns(UserWarning, match="stays unfused: its _forward differs"):
+                replaced = patch_model(patched)
+        assert any(r.name == "_forward" for r in replaced) == fused_tail, type(block).__name__
+        assert isinstance(patched.in_layers, FusedSequential)
+        assert_same_function(model, patched, x, emb)
+
+
+def test_group_norms_that_compute_something_else_and_hooked_modules_are_left_alone():
+    class Gained(nn.GroupNorm):   # an extra parameter
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.gain = nn.Parameter(torch.full((1,), 2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    class Float32Out(nn.GroupNorm):   # returns fp32 whatever the input dtype
+        def forward(self, x):
+            return super().forward(x.float())
+
+    model = randomized(nn.Sequential(Gained(4, 8), nn.SiLU(), Float32Out(4, 8), nn.SiLU(), nn.GroupNorm(4, 8),
+                                     nn.SiLU()))
+    calls = []
+    model[4].register_forward_hook(lambda *a: calls.append("hook"))
+    patched = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert patch_model(patched) == []
+    assert list(patched.state_dict()) == keys and type(patched) is nn.Sequential
+    assert_same_function(model, patched, torch.randn(2, 8, 4, 4))
+    assert calls == ["hook", "hook"]
+
+
+def test_patched_model_pickles_and_copies():
+    model = randomized(TinyUNetPiece())
+    patch_model(model)
+    x, emb = torch.randn(2, 3, 16, 16), torch.randn(2, 32)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(model)
+    for other in (loaded, clone):
+        torch.testing.assert_close(other(x, emb), model(x, emb))
+        assert other.blocks[0]._forward.args[0] is other.blocks[0]
+    assert GroupNormAct.replacing(nn.GroupNorm(2, 4, affine=False), None).affine is False
