@@ -154,7 +154,7 @@ def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, pr
                 run_dir = out / name / f"seed{seed}" / method
                 cfg = _train_config(settings, run_dir, seed, **overrides, total_steps=settings["finetune_steps"],
                                     save_interval=max(1, settings["finetune_steps"] // 3),
-                                    init_from=str(Path(pre.run_dir) / "checkpoint.pt"))
+                                    init_from=str(Path(pre.run_dir) / "checkpoint.pt"), init_ema="weights")
                 seconds, ran = _train_job(cfg, log)
                 timings[f"fine-tune {method}"] += seconds
                 done["trained" if ran else "skipped"].append(cfg.run_dir)

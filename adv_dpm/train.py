@@ -29,6 +29,7 @@ from .utils import atomic_save, save_image_grid
 
 MODES = ("standard", "ip", "free_at", "pgd_at")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+INIT_EMA = ("checkpoint", "weights")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainConfig:
     batch_size: int = 64                 # global batch (split over ranks)
     microbatch: int = 0                  # per-rank micro-batch for gradient accumulation (0: none)
     ema_rate: str = "0.9999"             # comma-separated rates
-    total_steps: int = 1000              # optimizer updates
+    total_steps: int = 1000              # optimizer updates (free AT: rounded up to whole batches of K)
     precision: str = "fp32"              # 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a grad scaler)
     compile: bool = False
     channels_last: bool = False
@@ -63,7 +64,9 @@ class TrainConfig:
     sample_steps: int = 20
     tensorboard: bool = True             # also log to <run_dir>/tensorboard when tensorboard is installed
     run_dir: str = "runs/default"
-    init_from: str = ""                  # fine-tune: weights (EMA-free model state) of this checkpoint
+    init_from: str = ""                  # fine-tune: weights of this checkpoint, fresh optimizer
+    init_ema: str = "checkpoint"         # with init_from, EMAs: 'checkpoint' (its EMAs of the same rates, as
+                                         # ADM's resume; other rates from the weights) | 'weights'
     seed: int = 0
     device: str = "auto"
 
@@ -75,6 +78,8 @@ class TrainConfig:
         for name in ("batch_size", "total_steps", "diffusion_steps", "log_interval", "save_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_ema not in INIT_EMA:
+            raise ValueError(f"init_ema must be one of {INIT_EMA}, got {self.init_ema!r}")
         self.ema_rates()
         self.adversarial()
 
@@ -186,13 +191,17 @@ class Trainer:
         return True
 
     def _init_from(self, path):
-        """Fine-tuning as the paper's protocol: weights (and EMAs) from ``path``, fresh optimizer."""
+        """Fine-tuning as the paper's protocol: weights from ``path``, fresh optimizer; the EMAs
+        from its EMAs of the same rates (``init_ema='checkpoint'``) or from the weights."""
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
-        for params in self.emas.values():
-            for e, p in zip(params, self.model.parameters()):
+        saved = {float(r): e for r, e in state.get("ema", {}).items()} if self.cfg.init_ema == "checkpoint" else {}
+        for rate, params in self.emas.items():
+            for e, p in zip(params, saved.get(rate, list(self.model.parameters()))):
                 e.copy_(p.detach())
-        self.log(f"initialized weights from {path} (step {state.get('step')}); optimizer state not loaded")
+        from_checkpoint = sorted(set(saved) & set(self.emas))
+        self.log(f"initialized weights from {path} (step {state.get('step')}), EMAs "
+                 f"{from_checkpoint or 'none'} from its EMAs, the others from its weights; optimizer state not loaded")
 
     def log(self, message):
         if self.rank == 0:
@@ -251,12 +260,16 @@ class Trainer:
         return torch.cat(losses)
 
     def _optimizer_step(self):
+        """One update; the EMAs follow only when the parameters moved (fp16: the scaler skips a
+        step with non-finite gradients, as ADM does). The step counts either way."""
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        params = [p.detach() for p in self.model.parameters()]
-        for rate, ema in self.emas.items():
-            torch._foreach_lerp_(ema, params, 1 - rate)
+        if scale is None or self.scaler.get_scale() >= scale:
+            params = [p.detach() for p in self.model.parameters()]
+            for rate, ema in self.emas.items():
+                torch._foreach_lerp_(ema, params, 1 - rate)
         self.step += 1
 
     def _update_perturbations(self, micro, grad_scale):
@@ -290,8 +303,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self):
-        """Train to ``total_steps`` updates, logging, sampling and saving on the way."""
+        """Train to ``total_steps`` updates, logging, sampling and saving on the way. A batch's
+        free-AT replays are not split: the run ends at the first whole batch at or past it."""
         cfg = self.cfg
+        per_batch = cfg.replays if cfg.mode == "free_at" else 1
+        if cfg.total_steps > self.step and (cfg.total_steps - self.step) % per_batch:
+            end = self.step + -(-(cfg.total_steps - self.step) // per_batch) * per_batch
+            self.log(f"total_steps={cfg.total_steps}: free AT takes {per_batch} updates per batch, so training "
+                     f"ends at step {end}")
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -91,12 +91,33 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path):
 
 
 def test_fine_tuning_loads_weights_with_a_fresh_optimizer(tmp_path):
-    base = Trainer(config(tmp_path / "base", total_steps=4, mode="standard"))
+    base = Trainer(config(tmp_path / "base", total_steps=4, mode="standard", ema_rate="0.9"))
     base.train()
-    tuned = Trainer(config(tmp_path / "tuned", mode="free_at", init_from=str(base.checkpoint_path)))
+    tuned = Trainer(config(tmp_path / "tuned", mode="free_at", ema_rate="0.9,0.5", init_from=str(base.checkpoint_path)))
     for p, q in zip(base.model.parameters(), tuned.model.parameters()):
         assert torch.equal(p, q)
     assert tuned.step == 0 and not tuned.optimizer.state
+    # EMAs: the checkpoint's at its rate (as ADM's resume), the weights where it has none, or all from the weights
+    base_ema, = base.emas.values()
+    assert all(torch.equal(e, b) for e, b in zip(tuned.emas[0.9], base_ema))
+    assert not all(torch.equal(e, p) for e, p in zip(tuned.emas[0.9], base.model.parameters()))
+    assert all(torch.equal(e, p) for e, p in zip(tuned.emas[0.5], base.model.parameters()))
+    restarted = Trainer(config(tmp_path / "restarted", ema_rate="0.9", init_ema="weights",
+                               init_from=str(base.checkpoint_path)))
+    assert all(torch.equal(e, p) for e, p in zip(restarted.emas[0.9], base.model.parameters()))
+
+
+def test_an_update_the_fp16_scaler_skips_leaves_the_emas_alone(tmp_path):
+    trainer = Trainer(config(tmp_path, mode="free_at", adv_steps=2, precision="fp16", ema_rate="0.5",
+                             total_steps=2))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # the first scaled loss overflows
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    for e in trainer.emas[0.5]:
+        e.zero_()   # an EMA that an EMA step would move
+    trainer.train_batch()
+    assert trainer.step == 2
+    assert all(torch.equal(p, q) for p, q in zip(params, trainer.model.parameters()))   # overflowed: no update ...
+    assert all(not e.any() for e in trainer.emas[0.5])                                  # ... and no EMA step
 
 
 def test_fp16_trains_with_a_grad_scaler_that_is_resumed(tmp_path):
