@@ -6,7 +6,7 @@ and y an int64 label tensor (N,) or None. Everything is held in memory.
 - ``toy2d(name, n, seed)``: 2-D mixtures with exact densities (``log_density``) and known modes;
 - ``digits(size, split)``: scikit-learn's bundled 8x8 digits (1797 images), or 16x16 upsampled;
 - ``cifar10(root, split)``: the CIFAR-10 python pickles a user already has;
-- ``image_folder(root, size)``: PNG / JPEG files, class = subfolder;
+- ``image_folder(root, size)``: PNG / JPEG files, class = subfolder, center-cropped to size;
 - ``npz(path, key)``: an array of NHWC uint8 or NCHW float images (e.g. ADM's sample files);
 - ``load_dataset(spec)``: all of the above by name.
 """
@@ -170,9 +170,10 @@ def _center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
-def image_folder(root, size, channels=3):
-    """Every PNG / JPEG under ``root``, resized and center-cropped to size x size. Images in
-    subfolders are labelled by subfolder (sorted names -> 0, 1, ...); with none, y is None."""
+def image_folder(root, size=None, channels=3):
+    """Every PNG / JPEG under ``root``, resized and center-cropped to size x size (default: the
+    shorter side of the first image). Images in subfolders are labelled by subfolder (sorted
+    names -> 0, 1, ...); with none, y is None."""
     from PIL import Image
 
     root = Path(root)
@@ -192,6 +193,7 @@ def image_folder(root, size, channels=3):
                              f"expected every image inside a class subfolder")
         try:
             with Image.open(path) as img:
+                size = size or min(img.size)
                 img = _center_crop(img.convert("RGB" if channels == 3 else "L"), size)
         except OSError as e:
             raise ValueError(f"image_folder: cannot read image {path}: {e}") from e
@@ -235,7 +237,8 @@ def npz(path, key="arr_0", label_key="arr_1"):
 
 def load_dataset(spec, **kw):
     """A data set by spec: 'digits' (8x8), 'digits16', 'toy:rings', 'toy:gmm', 'cifar10:ROOT',
-    'folder:ROOT' (keyword ``size`` needed), 'npz:PATH'; keywords go to the loader."""
+    'folder:ROOT' (images cut to the first one's shorter side unless keyword ``size`` says),
+    'npz:PATH'; keywords go to the loader."""
     kind, _, arg = spec.partition(":")
     if kind in ("digits", "digits16") and not arg:
         return digits(size=16 if kind == "digits16" else 8, **kw)

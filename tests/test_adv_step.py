@@ -164,7 +164,9 @@ def test_is_deterministic(pair):
     (dict(x_t=torch.randn(2, 3, 8, 8)), ValueError, r"x_t must have the shape of delta"),
     (dict(c_noise=torch.rand(5)), ValueError, r"c_noise must have shape \(B,\) = \(4,\)"),
     (dict(target="eps"), ValueError, r"target must be one of"),
-    (dict(grad_target=torch.randn(4, 3, 8, 8)), ValueError, r"grad_target is only used with target='delta'"),
+    (dict(grad_target=torch.randn(4, 3, 8, 8)), ValueError, r"grad_target .* is needed with target='delta'.* only then"),
+    (dict(target="delta"), ValueError, r"got target='delta' and grad_target None"),
+    (dict(grad=None), TypeError, r"adv_step_inject: grad must be the loss gradient .* got None"),
 ])
 def test_bad_input_names_the_argument(change, error, match):
     delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, "cpu")
@@ -172,3 +174,12 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         adv_step_inject(**args)
+
+
+def test_outputs_never_require_grad():
+    """The ops update state: inputs that require grad (x_t through learnable coefficients) do
+    not make outputs that fail on backward."""
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, "cpu")
+    step = adv_step_inject(x_t.requires_grad_(), eps, c_noise.requires_grad_(), delta, grad, lr, radius)
+    assert not any(t.requires_grad for t in step)
+    assert not any(t.requires_grad for t in adv_step(delta.requires_grad_(), grad, lr, radius))

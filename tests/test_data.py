@@ -118,6 +118,7 @@ def test_image_folder(tmp_path):
     assert torch.equal(x[2, 1], torch.ones(8, 8)) and torch.equal(x[2, 0], -torch.ones(8, 8))
     gray = data.image_folder(tmp_path / "a_class", size=4, channels=1)
     assert gray.x.shape == (2, 1, 4, 4) and gray.y is None
+    assert data.load_dataset(f"folder:{tmp_path}").x.shape == (3, 3, 20, 20)   # the first image's size
 
 
 def test_image_folder_errors_name_the_path(tmp_path):

@@ -4,7 +4,8 @@ Per sample: delta <- delta + lr * g / max(||g||, 1e-8), then projected onto ||de
 (PAPER.md step 2), from one statistics pass (||g||^2, <delta, g>, ||delta||^2) and one apply
 pass. A sample whose gradient is not finite keeps its delta and is reported as skipped.
 ``adv_step_inject`` also writes the next perturbed input x_t + delta and its target, so a
-free-AT replay touches the batch once. Neither op is differentiable: they update state.
+free-AT replay touches the batch once. Neither op is differentiable: they update state, and
+their outputs never require grad.
 """
 from typing import NamedTuple, Optional
 
@@ -32,6 +33,9 @@ class AdvStepInject(NamedTuple):
 
 def _check_step(op, delta, grad, lr, radius, grad_scale):
     checks.batch_tensor(op, "delta", delta)
+    if grad is None:
+        raise TypeError(f"{op}: grad must be the loss gradient w.r.t. the perturbed input (shape of delta), got None; "
+                        f"did the backward reach an input with requires_grad=True?")
     checks.like(op, "grad", grad, "delta", delta)
     checks.non_negative(op, "lr", lr)
     checks.non_negative(op, "radius", radius, allow_inf=True)
@@ -68,9 +72,10 @@ def _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_targe
     checks.like(op, "eps", eps, "delta", delta)
     checks.coefficients(op, "c_noise", c_noise, delta)
     mode = checks.target_mode(op, target)
-    if grad_target is not None and target != "delta":
-        raise ValueError(f"{op}: grad_target is only used with target='delta' (the target depends on delta), "
-                         f"got target={target!r}")
+    if (grad_target is not None) != (target == "delta"):
+        raise ValueError(f"{op}: grad_target (the loss gradient w.r.t. the target) is needed with target='delta', "
+                         f"where the target depends on delta, and only then; got target={target!r} and "
+                         f"grad_target {'None' if grad_target is None else 'given'}")
     checks.like(op, "grad_target", grad_target, "delta", delta)
     return mode
 
@@ -98,7 +103,8 @@ def adv_step(delta: Tensor, grad: Tensor, lr: float, radius: float, grad_scale: 
     ``grad_scale`` is the loss scale that ``grad`` still carries (a GradScaler's scale); it is
     divided out, so the result equals that of the unscaled gradient.
     """
-    return AdvStep(*backend.call(adv_step_op, _adv_step, None, delta, grad, lr, radius, grad_scale))
+    with torch.no_grad():
+        return AdvStep(*backend.call(adv_step_op, _adv_step, None, delta, grad, lr, radius, grad_scale))
 
 
 def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
@@ -110,5 +116,6 @@ def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, gr
     input. With target='delta' the target depends on delta too: pass its gradient as
     ``grad_target`` and the ascent uses grad + grad_target / c_noise (= dLoss/d delta).
     """
-    return AdvStepInject(*backend.call(adv_step_inject_op, _adv_step_inject, None, x_t, eps, c_noise, delta, grad, lr,
-                                       radius, target, grad_target, grad_scale))
+    with torch.no_grad():
+        return AdvStepInject(*backend.call(adv_step_inject_op, _adv_step_inject, None, x_t, eps, c_noise, delta, grad,
+                                           lr, radius, target, grad_target, grad_scale))
