@@ -1,8 +1,11 @@
 """The `adv-dpm` command: train, sample, evaluate, reproduce, info."""
 import argparse
 import dataclasses
+import inspect
 import json
+import os
 import platform
+import re
 import shlex
 import sys
 import tomllib
@@ -43,16 +46,41 @@ def _parse_value(field, text):
             return False
         raise argparse.ArgumentTypeError(f"--{field.name} expects true or false, got {text!r}")
     if field.type in (dict, "dict"):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"--{field.name} expects JSON such as '{{\"dropout\": 0.1}}', "
+                                             f"got {text!r}") from None
     kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-    return kind(text)
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{field.name} expects {kind.__name__}, got {text!r}") from None
+
+
+def _field_help(cls):
+    """{field: help} from the comments beside a dataclass's fields (their one source)."""
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        more = re.match(r"\s+#\s*(.*)", line)
+        if field:
+            last = field.group(1)
+            helps[last] = field.group(2)
+        elif more and last:
+            helps[last] += " " + more.group(1)
+        else:
+            last = None
+    return helps
 
 
 def load_config(path):
-    """A TOML (or YAML, with PyYAML installed) file of TrainConfig fields."""
+    """A TOML, JSON (a run's config.json) or YAML (with PyYAML installed) file of TrainConfig fields."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"adv-dpm: config file {path} does not exist")
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -71,32 +99,28 @@ def train(args):
     if unknown:
         raise SystemExit(f"adv-dpm train: unknown setting(s) {unknown} in {args.config}; known: {sorted(fields)}")
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    try:
-        config = TrainConfig(**settings)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"adv-dpm train: {e}")
-    run_dir = Trainer(config).train()
+    run_dir = Trainer(TrainConfig(**settings)).train()
     print(f"run directory: {run_dir}  (checkpoint.pt, metrics.csv, samples_*.png, loss.png, config.json)")
 
 
 def sample(args):
     """Sample from a checkpoint's EMA weights to a PNG grid and an npz."""
-    from .train import TrainConfig, Trainer
-    from .utils import save_image_grid
-    from .diffusion import sample as draw
     import numpy as np
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    config = TrainConfig(**{**state["config"], "run_dir": str(Path(args.checkpoint).parent), "device": args.device})
-    trainer = Trainer(config)
-    model = trainer.ema_model(float(args.ema) if args.ema else None)
-    g = torch.Generator().manual_seed(args.seed)
-    shape = (args.num, *trainer.data.x.shape[1:])
-    x_T = torch.randn(shape, generator=g).to(trainer.device)
+
+    from .diffusion import sample as draw
+    from .evaluate import load_checkpoint, sample_shape
+    from .utils import save_image_grid
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    loaded = load_checkpoint(args.checkpoint, args.ema, args.device)
+    device = next(loaded.model.parameters()).device
+    shape = (args.num, *sample_shape(loaded))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     with torch.no_grad():
-        x = draw(lambda x, t: model(x, t), trainer.schedule, shape, args.method, args.steps, eta=args.eta,
-                 es_lambda=args.es_lambda, learn_sigma=trainer.learn_sigma, device=trainer.device, x_T=x_T,
-                 progress=True)
+        x = draw(lambda x, t: loaded.model(x, t), loaded.schedule, shape, args.method, args.steps, eta=args.eta,
+                 es_lambda=args.es_lambda, learn_sigma=loaded.learn_sigma, device=device, x_T=x_T, progress=True)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out.with_suffix(".npz"), x.cpu().numpy())
     if x.dim() == 4:
         save_image_grid(x, out.with_suffix(".png"))
@@ -114,24 +138,17 @@ def evaluate(args):
     """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
     from .evaluate import evaluate as run
     out = args.out or str(Path(args.checkpoint).parent / "eval")
-    try:
-        rows = run(args.checkpoint, samplers=[s for s in args.samplers.split(",") if s], nfes=args.nfes,
-                   num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
-                   exposure=args.exposure, robustness_budget=args.robustness, inception=args.inception,
-                   feature_cache=args.feature_cache, ema=args.ema,
-                   batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"adv-dpm evaluate: {e}")
+    rows = run(args.checkpoint, samplers=[s for s in args.samplers.split(",") if s], nfes=args.nfes,
+               num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
+               exposure=args.exposure, robustness_budget=args.robustness, inception=args.inception,
+               feature_cache=args.feature_cache, ema=args.ema, batch_size=args.batch_size, device=args.device)
     print(f"{len(rows)} cells: {out}/results.md (results.csv, results.json, *_vs_nfe.png)")
 
 
 def reproduce(args):
     """The paper's protocol at laptop scale (pretrain, four fine-tunes, grid evaluation, report); resumable."""
     from .reproduce import reproduce as run
-    try:
-        result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"adv-dpm reproduce: {e}")
+    result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv))
     print(f"report: {result['report']}")
 
 
@@ -142,23 +159,27 @@ def main(argv=None):
 
     from .train import TrainConfig
     p = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
-    p.add_argument("--config", help="TOML/YAML file of settings; flags override it")
+    p.add_argument("--config", help="TOML, YAML or JSON (a run's config.json) file of settings; flags override it")
+    helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         p.add_argument(f"--{f.name}", type=lambda text, f=f: _parse_value(f, text), default=None,
-                       help=f"(default {f.default if f.default is not dataclasses.MISSING else '{}'})")
+                       metavar=str(getattr(f.type, "__name__", f.type)).upper(),
+                       help=f"{helps.get(f.name, '')} (default {default!r})".replace("%", "%%"))
     p.set_defaults(run=train)
 
-    p = sub.add_parser("sample", help=sample.__doc__)
-    p.add_argument("checkpoint")
+    p = sub.add_parser("sample", help=sample.__doc__, description=sample.__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint.pt of a training run")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim", "dpm_solver++"])
     p.add_argument("--steps", type=int, default=20, help="number of model evaluations (NFE)")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--es-lambda", type=float, default=1.0, help="ADM-ES epsilon scaling (1: off)")
-    p.add_argument("--ema", default="", help="EMA rate to use (default: the first)")
+    p.add_argument("--ema", type=float, default=None, help="EMA rate to use (default: the run's first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", default="samples.png", help="PNG grid; the npz goes beside it")
     p.set_defaults(run=sample)
 
     from .evaluate import ES_LAMBDA, PAPER_NFES, SAMPLERS
@@ -190,7 +211,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    args.run(args)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        if os.environ.get("ADV_DPM_TRACEBACK") == "1":
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise SystemExit(f"adv-dpm {args.command}: error: {message}\n(ADV_DPM_TRACEBACK=1 shows where)") from None
     return 0
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .diffusion import Schedule, sample
 from .models import build_model
-from .utils import atomic_write
+from .utils import atomic_write, read_checkpoint, resolve_device
 
 SAMPLERS = ("ddpm", "ddpm-es", "ddim", "dpm_solver++")
 PAPER_NFES = (5, 8, 10, 20, 50)
@@ -107,16 +107,10 @@ class Loaded:
 def load_checkpoint(path, ema=None, device="cpu"):
     """The EMA model (rate ``ema``, default the run's first) of a trainer checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint: cannot read {path} ({e.__class__.__name__}: {e})") from e
-    if not isinstance(state, dict) or not {"config", "model_config", "model", "ema"} <= set(state):
-        raise ValueError(f"checkpoint: {path} is not an adv-dpm trainer checkpoint (checkpoint.pt of a run)")
+    device = resolve_device(device)
+    state = read_checkpoint(path, device)
     if state["model_config"].get("num_classes"):
-        raise ValueError(f"checkpoint: {path} holds a class-conditional model; evaluate samples unconditionally")
+        raise ValueError(f"checkpoint: {path} holds a class-conditional model; sampling here is unconditional")
     rate = str(state["config"]["ema_rate"]).split(",")[0].strip() if ema is None else str(ema)
     rates = {float(r): params for r, params in state["ema"].items()}
     if float(rate) not in rates:
@@ -238,7 +232,7 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
         raise ValueError(f"nfes: {max(nfes)} exceeds the checkpoint's {loaded.schedule.num_timesteps} diffusion steps")
     spec = loaded.config["data"]
     scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
-    shape = (num_samples, *_sample_shape(loaded))
+    shape = (num_samples, *sample_shape(loaded))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     base = {"checkpoint": str(checkpoint), "mode": loaded.config["mode"], "step": loaded.step, "data": spec}
     rows = []
@@ -269,7 +263,8 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
     return rows
 
 
-def _sample_shape(loaded):
+def sample_shape(loaded):
+    """The shape of one sample of a loaded checkpoint's model."""
     c = loaded.model.config
     if c["arch"] == "mlp":
         return (c["dim"],)

@@ -20,6 +20,8 @@ class GroupNormAct(nn.GroupNorm):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, act="silu", device=None, dtype=None):
+        if act not in ("silu", None):
+            raise ValueError(f"GroupNormAct: act must be 'silu' or None, got {act!r}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.act = act
 

@@ -13,6 +13,8 @@ import csv
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,9 @@ from tqdm import tqdm
 
 from . import data as datasets
 from .adversarial import AdversarialConfig, Perturbation
-from .diffusion import Schedule, create_timestep_sampler, diffusion_loss, q_sample
+from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
 from .models import build_model
-from .utils import atomic_save, save_image_grid
+from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid
 
 MODES = ("standard", "ip", "free_at", "pgd_at")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,40 +37,41 @@ INIT_EMA = ("checkpoint", "weights")
 @dataclass
 class TrainConfig:
     """Every setting of a run; names follow guided-diffusion's flags where one exists."""
-    data: str = "digits"                 # data set spec (adv_dpm.data.load_dataset)
+    data: str = "digits"                 # 'digits' (8x8) | 'digits16' | 'toy:rings' | 'toy:gmm' | 'cifar10:ROOT' |
+                                         # 'folder:ROOT' | 'npz:PATH' (adv_dpm.data.load_dataset)
     model: str = "digits-tiny"           # model preset (adv_dpm.models.PRESETS)
-    model_overrides: dict = field(default_factory=dict)
-    diffusion_steps: int = 1000
-    noise_schedule: str = "cosine"
+    model_overrides: dict = field(default_factory=dict)  # JSON of preset fields to change, e.g. '{"dropout": 0.1}'
+    diffusion_steps: int = 1000          # T
+    noise_schedule: str = "cosine"       # 'cosine' | 'linear'
     schedule_sampler: str = "uniform"    # 'uniform' | 'loss-second-moment'
     mode: str = "free_at"                # 'standard' | 'ip' (DDPM-IP) | 'free_at' | 'pgd_at'
-    adv_steps: int = 3
-    adv_lr: float = 0.1
-    adv_max_norm: float = 0.1
-    adv_target: str = "delta_detach"
-    ip_gamma: float = 0.1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    adv_steps: int = 3                   # K: replays per batch (free_at, pgd_at)
+    adv_lr: float = 0.1                  # L2 length of each ascent step on delta
+    adv_max_norm: float = 0.1            # per-element radius: ||delta|| <= sqrt(d) * adv_max_norm
+    adv_target: str = "delta_detach"     # 'delta_detach' | 'delta' | 'original'
+    ip_gamma: float = 0.1                # DDPM-IP input perturbation strength
+    lr: float = 1e-4                     # AdamW learning rate
+    weight_decay: float = 0.0            # AdamW weight decay
     batch_size: int = 64                 # global batch (split over ranks)
     microbatch: int = 0                  # per-rank micro-batch for gradient accumulation (0: none)
     ema_rate: str = "0.9999"             # comma-separated rates
     total_steps: int = 1000              # optimizer updates (free AT: rounded up to whole batches of K)
     precision: str = "fp32"              # 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a grad scaler)
-    compile: bool = False
-    channels_last: bool = False
-    log_interval: int = 50
-    sample_interval: int = 0             # 0: only at the end
-    save_interval: int = 500
-    num_samples: int = 64
-    sample_method: str = "ddim"
-    sample_steps: int = 20
+    compile: bool = False                # torch.compile the model
+    channels_last: bool = False          # channels_last memory format for images and model
+    log_interval: int = 50               # optimizer updates between metric rows
+    sample_interval: int = 0             # updates between sample grids (0: only at the end)
+    save_interval: int = 500             # updates between checkpoints
+    num_samples: int = 64                # images in each sample grid
+    sample_method: str = "ddim"          # sampler of the grids: 'ddpm' | 'ddim' | 'dpm_solver++'
+    sample_steps: int = 20               # NFE of the grids
     tensorboard: bool = True             # also log to <run_dir>/tensorboard when tensorboard is installed
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"        # where the checkpoint, metrics and pictures go; resumes from it
     init_from: str = ""                  # fine-tune: weights of this checkpoint, fresh optimizer
     init_ema: str = "checkpoint"         # with init_from, EMAs: 'checkpoint' (its EMAs of the same rates, as
                                          # ADM's resume; other rates from the weights) | 'weights'
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0                        # seeds the weights, data order and noise
+    device: str = "auto"                 # 'auto' (CUDA when there is a GPU) | 'cpu' | 'cuda' | 'cuda:N'
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,6 +81,8 @@ class TrainConfig:
         for name in ("batch_size", "total_steps", "diffusion_steps", "log_interval", "save_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_method not in METHODS:
+            raise ValueError(f"sample_method must be one of {METHODS}, got {self.sample_method!r}")
         if self.init_ema not in INIT_EMA:
             raise ValueError(f"init_ema must be one of {INIT_EMA}, got {self.init_ema!r}")
         self.ema_rates()
@@ -101,6 +106,29 @@ class TrainConfig:
         return self.adv_steps if self.mode in ("free_at", "pgd_at") else 1
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """A list that SIGINT (Ctrl-C) or SIGTERM appends the signal's name to while training runs:
+    the loop finishes its batch, saves and stops. A second signal interrupts at once."""
+    requests = []
+
+    def request(signum, _frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signal.Signals(signum).name)
+        tqdm.write(f"{requests[0]}: stopping after this batch and saving (again to stop at once)")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request)
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _distributed():
     """(rank, world_size), initializing the process group under torchrun."""
     if "RANK" not in os.environ or dist.is_initialized():
@@ -115,8 +143,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.cfg = config
         self.rank, self.world = _distributed()
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                                   else config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -173,7 +200,17 @@ class Trainer:
     def _resume(self):
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(self.checkpoint_path, self.device)
+        if state["model_config"] != self.model.config:
+            differ = sorted(k for k in {**state["model_config"], **self.model.config}
+                            if state["model_config"].get(k) != self.model.config.get(k))
+            raise ValueError(f"{self.checkpoint_path} holds another model (it differs in {differ}); "
+                             f"resume with the run's settings ({self.run_dir / 'config.json'}) or use another run_dir")
+        saved, now = state["config"], dataclasses.asdict(self.cfg)
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                   if k not in ("run_dir", "device", "total_steps") and saved.get(k) != v]
+        if changed:
+            self.log(f"resuming with settings changed from the checkpoint's: {'; '.join(changed)}")
         self.model.load_state_dict(state["model"])
         for rate, params in state["ema"].items():
             for e, p in zip(self.emas[float(rate)], params):
@@ -187,8 +224,25 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.step = state["step"]
+        self._drop_metrics_after(self.step)
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
         return True
+
+    def _drop_metrics_after(self, step):
+        """Metric rows logged after the checkpoint (a run killed between saves) are logged again
+        by the resumed run: drop them so every step appears once."""
+        for name in ("metrics.jsonl", "metrics.csv") if self.rank == 0 else ():
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            if name.endswith(".csv"):
+                header, rows = lines[:1], lines[1:]
+                kept = header + [r for r in rows if int(float(r.split(",", 1)[0])) <= step]
+            else:
+                kept = [r for r in lines if r.strip() and json.loads(r)["step"] <= step]
+            if len(kept) < len(lines):
+                atomic_write(path, "".join(kept))
 
     def _init_from(self, path):
         """Fine-tuning as the paper's protocol: weights from ``path``, fresh optimizer; the EMAs
@@ -321,30 +375,44 @@ class Trainer:
             return interval and self.step // interval != before // interval
 
         updates_in_window = 0
-        while self.step < cfg.total_steps:
-            before = self.step
-            loss, skipped = self.train_batch()
-            window.append(loss)
-            updates_in_window += self.step - before
-            bar.update(self.step - before)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if crossed(cfg.log_interval, before):
-                elapsed = time.perf_counter() - start
-                self._write_metrics({"step": self.step, "loss": sum(window) / len(window), "skipped": skipped,
-                                     "updates_per_s": updates_in_window / elapsed, "time": time.time()})
-                window, start, updates_in_window = [], time.perf_counter(), 0
-            if crossed(cfg.sample_interval, before):
-                self.sample_grid()
-            if self.step - last_save >= cfg.save_interval:
-                self.save()
-                last_save = self.step
+        with _stop_requests() as stop:
+            while self.step < cfg.total_steps and not self._agree(stop):
+                before = self.step
+                loss, skipped = self.train_batch()
+                window.append(loss)
+                updates_in_window += self.step - before
+                bar.update(self.step - before)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if crossed(cfg.log_interval, before):
+                    elapsed = time.perf_counter() - start
+                    self._write_metrics({"step": self.step, "loss": sum(window) / len(window), "skipped": skipped,
+                                         "updates_per_s": updates_in_window / elapsed, "time": time.time()})
+                    window, start, updates_in_window = [], time.perf_counter(), 0
+                if crossed(cfg.sample_interval, before):
+                    self.sample_grid()
+                if self.step - last_save >= cfg.save_interval:
+                    self.save()
+                    last_save = self.step
         bar.close()
         if self.tb is not None:
             self.tb.close()
         self.save()
-        self.sample_grid()
         self.plot_losses()
+        if stop:
+            self.log(f"stopped by {stop[0]} at step {self.step}: checkpoint saved; rerun the same command to resume")
+            raise KeyboardInterrupt(stop[0])
+        self.sample_grid()
         return self.run_dir
+
+    def _agree(self, stop):
+        """Whether to stop now: a stop request on any rank stops all of them after the same batch."""
+        if self.world == 1:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop:
+            stop.append("another rank")
+        return bool(flag.item())
 
     def _tensorboard(self):
         """A SummaryWriter into <run_dir>/tensorboard (rank 0), or None when off or not installed."""

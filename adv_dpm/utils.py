@@ -18,6 +18,10 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_open(path):
     """A binary file whose content replaces ``path`` only when the block completes: write to a
@@ -26,6 +30,7 @@ def atomic_open(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp's 0600 -> what open() would create
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -34,6 +39,38 @@ def atomic_open(path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+CHECKPOINT_KEYS = {"config", "model_config", "model", "ema", "step"}
+
+
+def read_checkpoint(path, device="cpu"):
+    """The state dict of a trainer checkpoint, or an error that says what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint: cannot read {path}, truncated or not a torch file? "
+                         f"({e.__class__.__name__}: {e})") from e
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise ValueError(f"checkpoint: {path} is not an adv-dpm trainer checkpoint (checkpoint.pt of a run)")
+    return state
+
+
+def resolve_device(name):
+    """torch.device for a device setting: 'auto' is CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no GPU visible"
+        raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}, {build})")
+    return device
 
 
 def atomic_save(obj, path):

@@ -39,7 +39,7 @@ def test_environment_variable_forces_and_is_validated(monkeypatch):
     monkeypatch.setenv("ADV_DPM_BACKEND", "reference")
     assert backend.select(torch.randn(2, 3)) == "reference"
     monkeypatch.setenv("ADV_DPM_BACKEND", "fastest")
-    with pytest.raises(ValueError, match=r"backend must be one of \('reference', 'cpu', 'triton', 'cuda'\)"):
+    with pytest.raises(ValueError, match=r"ADV_DPM_BACKEND must be one of \('reference', 'cpu', 'triton', 'cuda'\)"):
         backend.select(torch.randn(2, 3))
 
 

@@ -1,5 +1,6 @@
 """The trainer: the free-AT update against an independent implementation of PAPER.md's loop,
 exact resume, the modes' update counts, DDP gradient sync, and the command line."""
+import json
 import math
 import os
 
@@ -88,6 +89,56 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path):
         for p, q in zip(straight.emas[rate], resumed.emas[rate]):
             assert torch.equal(p, q)
     assert (tmp_path / "b" / "run" / "metrics.csv").exists()
+
+
+def test_ctrl_c_finishes_the_batch_saves_and_the_rerun_continues_the_same_trajectory(tmp_path, monkeypatch):
+    import signal
+    settings = dict(total_steps=12, mode="free_at", save_interval=1000, log_interval=3)
+    straight = Trainer(config(tmp_path / "a", **settings))
+    straight.train()
+    interrupted = Trainer(config(tmp_path / "b", **settings))
+    train_batch = interrupted.train_batch
+
+    def batch_then_signal():   # Ctrl-C in the middle of the second batch's replays
+        result = train_batch()
+        if interrupted.step == 6:
+            signal.raise_signal(signal.SIGINT)
+        return result
+    monkeypatch.setattr(interrupted, "train_batch", batch_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    resumed = Trainer(config(tmp_path / "b", **settings))
+    assert resumed.step == 6
+    resumed.train()
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):
+    """A run killed between checkpoints logged rows that its resumed run logs again."""
+    run = config(tmp_path, total_steps=6, mode="standard", log_interval=1)
+    trainer = Trainer(run)
+    trainer.train()
+    path = tmp_path / "run" / "metrics.csv"
+    assert [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]
+    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    state["step"] = 4   # as if killed after logging steps 5 and 6
+    torch.save(state, trainer.checkpoint_path)
+    resumed = Trainer(run)
+    assert [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:]] == [1, 2, 3, 4]
+    resumed.train()
+    assert [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
+        [1, 2, 3, 4, 5, 6]
+
+
+def test_resuming_a_run_dir_of_another_model_is_refused(tmp_path, capsys):
+    Trainer(config(tmp_path, total_steps=2, mode="standard")).train()
+    with pytest.raises(ValueError, match=r"holds another model \(it differs in \['hidden'\]\)"):
+        Trainer(config(tmp_path, model_overrides={"hidden": 16, "depth": 2}))
+    Trainer(config(tmp_path, total_steps=2, mode="standard", lr=2e-4))
+    assert "settings changed from the checkpoint's: lr 0.0001 -> 0.0002" in capsys.readouterr().out
 
 
 def test_fine_tuning_loads_weights_with_a_fresh_optimizer(tmp_path):
@@ -204,3 +255,18 @@ def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):
     cfg.write_text('data = "toy:rings"\nlearning_rate = 0.1\n')
     with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['learning_rate'\]"):
         main(["train", "--config", str(cfg)])
+
+
+def test_cli_errors_are_one_line_messages(tmp_path):
+    from adv_dpm.cli import main
+    broken = tmp_path / "checkpoint.pt"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    cases = [(["train", "--data", "folder:/nowhere", "--run_dir", str(tmp_path / "r")], r"/nowhere is not a directory"),
+             (["train", "--device", "cuda:7", "--run_dir", str(tmp_path / "r")] if not torch.cuda.is_available()
+              else ["train", "--mode", "fast"], r"CUDA is not available|mode must be one of"),
+             (["train", "--sample_method", "euler"], r"sample_method must be one of"),
+             (["sample", str(broken)], r"cannot read .*checkpoint.pt, truncated or not a torch file"),
+             (["sample", str(tmp_path / "none.pt")], r"no file .*none.pt")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=rf"adv-dpm {argv[0]}: error: .*({message})"):
+            main(argv)

@@ -42,7 +42,10 @@ def use_backend(name):
 
 
 def forced_backend():
-    return _forced.get() or _checked(os.environ.get("ADV_DPM_BACKEND") or None)
+    forced = _forced.get()
+    if forced is None and (forced := os.environ.get("ADV_DPM_BACKEND") or None) not in (None, *BACKENDS):
+        raise ValueError(f"ADV_DPM_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    return forced
 
 
 @functools.cache
