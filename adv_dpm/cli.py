@@ -172,13 +172,14 @@ def main(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt of a training run")
     p.add_argument("--method", default="ddim", choices=["ddpm", "ddim", "dpm_solver++"])
-    p.add_argument("--steps", type=int, default=20, help="number of model evaluations (NFE)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="number of model evaluations (NFE); ddim steps with an integer stride, as ADM's ddimN")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--es-lambda", type=float, default=1.0, help="ADM-ES epsilon scaling (1: off)")
-    p.add_argument("--ema", type=float, default=None, help="EMA rate to use (default: the run's first)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--ema", type=float, default=None, help="EMA rate to use; None: the run's first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when there is a GPU), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--out", default="samples.png", help="PNG grid; the npz goes beside it")
     p.set_defaults(run=sample)
 
