@@ -61,7 +61,11 @@ def _parse_value(field, text):
 def _field_help(cls):
     """{field: help} from the comments beside a dataclass's fields (their one source)."""
     helps, last = {}, None
-    for line in inspect.getsource(cls).splitlines():
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):   # installed without sources
+        return helps
+    for line in source.splitlines():
         field = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
         more = re.match(r"\s+#\s*(.*)", line)
         if field:
