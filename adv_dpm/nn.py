@@ -161,16 +161,16 @@ def _scale_shift_block_problem(m):
     if conv is None or linear is None or not isinstance(norm, nn.GroupNorm):
         return "no GroupNorm, convolution or Linear where ADM's ResBlock has them"
     gen = torch.Generator().manual_seed(0)
-    probe = copy.deepcopy(m).eval()
-    with torch.no_grad():
-        for p in probe.parameters():
-            p.copy_(0.5 * _randn(p.shape, p, gen))
-        x = _randn((2, norm.num_channels, *[8] * len(conv.kernel_size)), conv.weight, gen)
-        emb = _randn((2, linear.in_features), linear.weight, gen)
-        try:
+    try:
+        probe = copy.deepcopy(m).eval()
+        with torch.no_grad():
+            for p in probe.parameters():
+                p.copy_(0.5 * _randn(p.shape, p, gen))
+            x = _randn((2, norm.num_channels, *[8] * len(conv.kernel_size)), conv.weight, gen)
+            emb = _randn((2, linear.in_features), linear.weight, gen)
             ref, out = probe._forward(x, emb), _scale_shift_forward(probe, x, emb)
-        except Exception as e:  # noqa: BLE001
-            return f"the fused forward fails on a probe ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 (whatever fails, the block stays as it is)
+        return f"the probe fails ({type(e).__name__}: {e})"
     return None if _close(out, ref) else "its _forward differs from ADM's ResBlock._forward on a probe"
 
 
