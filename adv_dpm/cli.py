@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -84,14 +85,18 @@ def load_config(path):
     if not path.exists():
         raise SystemExit(f"adv-dpm: config file {path} does not exist")
     if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix in (".yaml", ".yml"):
+        settings = json.loads(path.read_text())
+    elif path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise SystemExit("adv-dpm: YAML configs need PyYAML (pip install pyyaml); TOML works without it")
-        return yaml.safe_load(path.read_text()) or {}
-    return tomllib.loads(path.read_text())
+        settings = yaml.safe_load(path.read_text()) or {}
+    else:
+        settings = tomllib.loads(path.read_text())
+    if not isinstance(settings, dict):
+        raise SystemExit(f"adv-dpm: config file {path} must hold a table of settings, got {type(settings).__name__}")
+    return settings
 
 
 def train(args):
@@ -218,8 +223,9 @@ def main(argv=None):
     args.argv = argv
     try:
         args.run(args)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:   # the trainer saved first; the exit code is the shell's 128 + signal
+        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
+        raise SystemExit(128 + signal.Signals[name].value) from None
     except (ValueError, TypeError, KeyError, OSError) as e:
         if os.environ.get("ADV_DPM_TRACEBACK") == "1":
             raise

@@ -233,7 +233,7 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
     spec = loaded.config["data"]
     scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
     shape = (num_samples, *sample_shape(loaded))
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(resolve_device(device))
     base = {"checkpoint": str(checkpoint), "mode": loaded.config["mode"], "step": loaded.step, "data": spec}
     rows = []
     cells = [(s, n) for s in samplers for n in nfes]

@@ -80,7 +80,11 @@ class Replacement(NamedTuple):
 
 
 def _scale_shift_forward(self, x, emb):
-    """ADM's ResBlock._forward with its scale-shift norm + SiLU tail as one fused call."""
+    """ADM's ResBlock._forward with its scale-shift norm + SiLU tail as one fused call (the
+    block's own _forward while a hook sits on that norm or SiLU)."""
+    norm, act = self.out_layers[0], self.out_layers[1]
+    if _hooked(norm) or _hooked(act):
+        return type(self)._forward(self, x, emb)
     if getattr(self, "updown", False):
         in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
         h = in_rest(x)
@@ -91,7 +95,6 @@ def _scale_shift_forward(self, x, emb):
         h = self.in_layers(x)
     emb_out = self.emb_layers(emb).type(h.dtype)
     scale, shift = emb_out.reshape(emb_out.shape[0], -1).chunk(2, dim=1)
-    norm = self.out_layers[0]
     h = group_norm_act(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, "silu")
     h = self.out_layers[2:](h)
     return self.skip_connection(x) + h

@@ -116,7 +116,7 @@ def _stop_requests():
         if requests:
             raise KeyboardInterrupt
         requests.append(signal.Signals(signum).name)
-        tqdm.write(f"{requests[0]}: stopping after this batch and saving (again to stop at once)")
+        tqdm.write(f"{requests[0]}: stopping after this batch (again to stop at once)")
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -127,6 +127,11 @@ def _stop_requests():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _as_json(settings):
+    """Settings as JSON gives them back (tuples as lists): a run's config.json resumes it."""
+    return json.loads(json.dumps(settings))
 
 
 def _distributed():
@@ -201,12 +206,12 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = read_checkpoint(self.checkpoint_path, self.device)
-        if state["model_config"] != self.model.config:
-            differ = sorted(k for k in {**state["model_config"], **self.model.config}
-                            if state["model_config"].get(k) != self.model.config.get(k))
+        saved_model, model = _as_json(state["model_config"]), _as_json(self.model.config)
+        if saved_model != model:
+            differ = sorted(k for k in {**saved_model, **model} if saved_model.get(k) != model.get(k))
             raise ValueError(f"{self.checkpoint_path} holds another model (it differs in {differ}); "
                              f"resume with the run's settings ({self.run_dir / 'config.json'}) or use another run_dir")
-        saved, now = state["config"], dataclasses.asdict(self.cfg)
+        saved, now = _as_json(state["config"]), _as_json(dataclasses.asdict(self.cfg))
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
                    if k not in ("run_dir", "device", "total_steps") and saved.get(k) != v]
         if changed:
@@ -224,30 +229,34 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.step = state["step"]
-        self._drop_metrics_after(self.step)
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
         return True
 
     def _drop_metrics_after(self, step):
-        """Metric rows logged after the checkpoint (a run killed between saves) are logged again
-        by the resumed run: drop them so every step appears once."""
+        """Metric rows logged after the checkpoint (a run killed between saves, or before its
+        first) are logged again by this run: drop them, and any line cut off by the kill, so
+        every step appears once."""
+        def step_of(line, csv_row):
+            try:
+                return int(float(line.split(",", 1)[0])) if csv_row else int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                return None
+
         for name in ("metrics.jsonl", "metrics.csv") if self.rank == 0 else ():
             path = self.run_dir / name
             if not path.exists():
                 continue
             lines = path.read_text().splitlines(keepends=True)
-            if name.endswith(".csv"):
-                header, rows = lines[:1], lines[1:]
-                kept = header + [r for r in rows if int(float(r.split(",", 1)[0])) <= step]
-            else:
-                kept = [r for r in lines if r.strip() and json.loads(r)["step"] <= step]
-            if len(kept) < len(lines):
-                atomic_write(path, "".join(kept))
+            header = lines[:1] if name.endswith(".csv") else []
+            kept = header + [r for r in lines[len(header):] if r.endswith("\n")
+                             and (s := step_of(r, bool(header))) is not None and s <= step]
+            if kept != lines:
+                atomic_write(path, "".join(kept) if len(kept) > len(header) else "")
 
     def _init_from(self, path):
         """Fine-tuning as the paper's protocol: weights from ``path``, fresh optimizer; the EMAs
         from its EMAs of the same rates (``init_ema='checkpoint'``) or from the weights."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
         self.model.load_state_dict(state["model"])
         saved = {float(r): e for r, e in state.get("ema", {}).items()} if self.cfg.init_ema == "checkpoint" else {}
         for rate, params in self.emas.items():
@@ -368,6 +377,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            self._drop_metrics_after(self.step)
         self.tb = self._tensorboard()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=cfg.mode, unit="update")
         window, start, last_save = [], time.perf_counter(), self.step
@@ -397,6 +407,8 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         self.save()
+        if self.world > 1:
+            dist.barrier()   # no rank exits (and has torchrun stop the others) before the checkpoint is written
         self.plot_losses()
         if stop:
             self.log(f"stopped by {stop[0]} at step {self.step}: checkpoint saved; rerun the same command to resume")

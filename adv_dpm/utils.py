@@ -3,7 +3,7 @@ import contextlib
 import math
 import os
 import platform
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -18,19 +18,15 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_open(path):
     """A binary file whose content replaces ``path`` only when the block completes: write to a
     temporary file beside it, fsync, rename. A crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the mode open() gives (umask applies)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp's 0600 -> what open() would create
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -70,6 +66,8 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU build of torch" if torch.version.cuda is None else "no GPU visible"
         raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}, {build})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 

@@ -182,3 +182,23 @@ def test_forward_mode_and_functorch_transforms_differentiate_the_op(family):
     loss = lambda f: lambda x: (f(x) ** 2).sum()  # noqa: E731
     torch.testing.assert_close(torch.func.grad(loss(fused))(x), torch.func.grad(loss(plain))(x))
     torch.testing.assert_close(torch.func.vmap(fused)(x[None].expand(2, *x.shape)), plain(x)[None].expand(2, *x.shape))
+
+
+def test_double_backward_gives_each_argument_its_own_share():
+    """create_graph=True recomputes on the reference; a tensor passed in two places (or one
+    argument computed from another) must get the same gradient as without create_graph."""
+    from adv_dpm.ops import group_norm_act
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    c = (torch.rand(3, generator=g, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    x = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    cases = [(lambda: sum(noise_inject(a, a, c, (1 - c ** 2).sqrt(), a, "delta")), (a, c)),
+             (lambda: group_norm_act(x, None, None, 2, 1e-5, s, s), (x, s))]
+    for fn, wrt in cases:
+        out = fn()
+        weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        plain = torch.autograd.grad((out * weight).sum(), wrt)
+        graph = torch.autograd.grad((fn() * weight).sum(), wrt, create_graph=True)
+        for p, q in zip(plain, graph):
+            torch.testing.assert_close(q, p)

@@ -125,12 +125,14 @@ def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):
     state = torch.load(trainer.checkpoint_path, weights_only=False)
     state["step"] = 4   # as if killed after logging steps 5 and 6
     torch.save(state, trainer.checkpoint_path)
-    resumed = Trainer(run)
-    assert [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:]] == [1, 2, 3, 4]
-    resumed.train()
+    jsonl = tmp_path / "run" / "metrics.jsonl"
+    jsonl.write_text(jsonl.read_text() + '{"step": 7, "lo')   # a line cut off by the kill
+    Trainer(run).train()
     assert [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]
-    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
-        [1, 2, 3, 4, 5, 6]
+    assert [json.loads(r)["step"] for r in jsonl.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    trainer.checkpoint_path.unlink()   # killed before its first checkpoint: the rerun starts afresh
+    Trainer(run).train()
+    assert [json.loads(r)["step"] for r in jsonl.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resuming_a_run_dir_of_another_model_is_refused(tmp_path, capsys):
@@ -139,6 +141,11 @@ def test_resuming_a_run_dir_of_another_model_is_refused(tmp_path, capsys):
         Trainer(config(tmp_path, model_overrides={"hidden": 16, "depth": 2}))
     Trainer(config(tmp_path, total_steps=2, mode="standard", lr=2e-4))
     assert "settings changed from the checkpoint's: lr 0.0001 -> 0.0002" in capsys.readouterr().out
+    # tuples in the settings come back from config.json as lists: still the same run
+    images = dict(data="digits", model="digits-tiny", batch_size=4, total_steps=1, mode="standard")
+    Trainer(config(tmp_path / "unet", **images, model_overrides={"channel_mult": (1, 2)})).train()
+    assert Trainer(config(tmp_path / "unet", **images, model_overrides={"channel_mult": [1, 2]})).step == 1
+    assert "settings changed" not in capsys.readouterr().out
 
 
 def test_fine_tuning_loads_weights_with_a_fresh_optimizer(tmp_path):

@@ -175,6 +175,9 @@ def recomputed_grads(impl, args, grads):
     """The gradients of ``impl(*args)`` for its tensor arguments (None for the others) as a
     differentiable graph: the forward recomputed on the reference backend and differentiated
     with create_graph=True. The double backward of an op whose kernels' backward is first order."""
+    # One alias per argument: a tensor passed twice (or computed from another argument) gets its
+    # own share of the gradient at each position, as the op's formula gives it.
+    args = [a.view_as(a) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
     with use_backend("reference"), torch.enable_grad():
         outputs = impl(*args)
     pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
