@@ -238,3 +238,14 @@ def test_patched_model_pickles_and_copies():
         torch.testing.assert_close(other(x, emb), model(x, emb))
         assert other.blocks[0]._forward.args[0] is other.blocks[0]
     assert GroupNormAct.replacing(nn.GroupNorm(2, 4, affine=False), None).affine is False
+
+
+def test_hooks_added_after_patching_still_run():
+    model = randomized(ResBlock(8, 16, 8, True))
+    patched = copy.deepcopy(model)
+    patch_model(patched)
+    calls = []
+    for m in (patched.out_layers[0], patched.in_layers[1]):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    assert_same_function(model, patched, torch.randn(2, 8, 8, 8), torch.randn(2, 16))
+    assert len(calls) == 2
