@@ -118,11 +118,11 @@ def sample(args):
 
     from .diffusion import sample as draw
     from .evaluate import load_checkpoint, sample_shape
-    from .utils import save_image_grid
+    from .utils import resolve_device, save_image_grid
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    loaded = load_checkpoint(args.checkpoint, args.ema, args.device)
-    device = next(loaded.model.parameters()).device
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, args.ema, device)
     shape = (args.num, *sample_shape(loaded))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     with torch.no_grad():
@@ -166,6 +166,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help=info.__doc__).set_defaults(run=info)
 
+    from .diffusion import METHODS
     from .train import TrainConfig
     p = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
     p.add_argument("--config", help="TOML, YAML or JSON (a run's config.json) file of settings; flags override it")
@@ -180,7 +181,7 @@ def main(argv=None):
     p = sub.add_parser("sample", help=sample.__doc__, description=sample.__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt of a training run")
-    p.add_argument("--method", default="ddim", choices=["ddpm", "ddim", "dpm_solver++"])
+    p.add_argument("--method", default="ddim", choices=METHODS)
     p.add_argument("--steps", type=int, default=20,
                    help="number of model evaluations (NFE); ddim steps with an integer stride, as ADM's ddimN")
     p.add_argument("--num", type=int, default=64, help="number of samples")

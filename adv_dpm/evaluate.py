@@ -227,13 +227,14 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
         raise ValueError(f"robustness_budget: expected a finite number >= 0, got {robustness_budget!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    device = resolve_device(device)
     loaded = load_checkpoint(checkpoint, ema, device)
     if max(nfes) > loaded.schedule.num_timesteps:
         raise ValueError(f"nfes: {max(nfes)} exceeds the checkpoint's {loaded.schedule.num_timesteps} diffusion steps")
     spec = loaded.config["data"]
     scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
     shape = (num_samples, *sample_shape(loaded))
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(resolve_device(device))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     base = {"checkpoint": str(checkpoint), "mode": loaded.config["mode"], "step": loaded.step, "data": spec}
     rows = []
     cells = [(s, n) for s in samplers for n in nfes]

@@ -55,6 +55,11 @@ def _is_silu(m):
     return type(m) is nn.SiLU and not _hooked(m)
 
 
+def _holds_state(m, params=()):
+    """Whether ``m`` has parameters other than ``params``, buffers or submodules."""
+    return bool({n for n, _ in m.named_parameters()} - set(params) or any(True for _ in m.buffers()) or m._modules)
+
+
 class FusedSequential(nn.Sequential):
     """nn.Sequential whose GroupNorm -> SiLU pairs run as one fused call. Its modules are
     unchanged, so indexing or slicing it (as ADM's blocks do) still gives each module alone."""
@@ -117,8 +122,7 @@ def _silu_equivalent(m):
     """A parameterless SiLU/Swish module of another class (improved-diffusion writes its own)
     that computes SiLU: checked on a probe."""
     name = type(m).__name__.lower()
-    if type(m) is nn.SiLU or not ("silu" in name or "swish" in name) or _hooked(m) \
-            or any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or m._modules:
+    if type(m) is nn.SiLU or not ("silu" in name or "swish" in name) or _hooked(m) or _holds_state(m):
         return False
     x = torch.linspace(-8, 8, 257).reshape(1, 257)
     try:
@@ -132,8 +136,7 @@ def _norm_subclass_equivalent(m):
     output in the input dtype) that computes what GroupNormAct(act=None) does: no state beyond
     weight and bias, and the same outputs on fp32 and bf16 probes."""
     if not isinstance(m, nn.GroupNorm) or _is_plain_norm(m) or isinstance(m, GroupNormAct) or _hooked(m) \
-            or {n for n, _ in m.named_parameters()} - {"weight", "bias"} or any(True for _ in m.buffers()) \
-            or m._modules:
+            or _holds_state(m, ("weight", "bias")):
         return False
     gen = torch.Generator().manual_seed(0)
     like = m.weight if m.affine else torch.empty(0)
@@ -146,18 +149,21 @@ def _norm_subclass_equivalent(m):
         return False
 
 
-def _scale_shift_block_problem(m):
-    """Why ``m`` is not an ADM-style residual block whose scale-shift tail can be fused, or None.
-
-    The block must look like ADM's ResBlock (in_layers, emb_layers, out_layers = [GroupNorm,
-    SiLU, ...], use_scale_shift_norm, ``_forward(x, emb)``), and ``_scale_shift_forward`` must
-    reproduce its ``_forward`` on a probe: a copy with random weights (ADM zero-initialises the
-    last convolution, which would hide the tail) in eval mode."""
+def _is_adm_scale_shift_block(m):
+    """Laid out as ADM's ResBlock with use_scale_shift_norm (in_layers, emb_layers, out_layers =
+    [GroupNorm, SiLU, ...], ``_forward(x, emb)``) and not patched yet."""
     layers = getattr(m, "out_layers", None)
-    if not (getattr(m, "use_scale_shift_norm", False) and isinstance(getattr(m, "in_layers", None), nn.Sequential)
+    forward = m.__dict__.get("_forward")
+    return (getattr(m, "use_scale_shift_norm", False) and isinstance(getattr(m, "in_layers", None), nn.Sequential)
             and isinstance(getattr(m, "emb_layers", None), nn.Module) and isinstance(layers, nn.Sequential)
-            and len(layers) >= 2 and _is_plain_norm(layers[0]) and _is_silu(layers[1]) and hasattr(m, "_forward")):
-        return "not an ADM-style scale-shift block"
+            and len(layers) >= 2 and _is_plain_norm(layers[0]) and _is_silu(layers[1]) and hasattr(m, "_forward")
+            and not (isinstance(forward, functools.partial) and forward.func is _scale_shift_forward))
+
+
+def _scale_shift_probe_problem(m):
+    """Why the fused tail cannot replace the ADM-style block ``m``'s ``_forward``, or None:
+    ``_scale_shift_forward`` must reproduce it on a probe, a copy with random weights (ADM
+    zero-initialises the last convolution, which would hide the tail) in eval mode."""
     conv = next((c for c in m.in_layers.modules() if isinstance(c, nn.modules.conv._ConvNd)), None)
     linear = next((c for c in m.emb_layers.modules() if isinstance(c, nn.Linear)), None)
     norm = m.in_layers[0]
@@ -175,11 +181,6 @@ def _scale_shift_block_problem(m):
     except Exception as e:  # noqa: BLE001 (whatever fails, the block stays as it is)
         return f"the probe fails ({type(e).__name__}: {e})"
     return None if _close(out, ref) else "its _forward differs from ADM's ResBlock._forward on a probe"
-
-
-def _is_patched_block(m):
-    forward = m.__dict__.get("_forward")
-    return isinstance(forward, functools.partial) and forward.func is _scale_shift_forward
 
 
 def patch_model(model: nn.Module) -> list[Replacement]:
@@ -205,13 +206,13 @@ def patch_model(model: nn.Module) -> list[Replacement]:
                 done.append(Replacement(f"{name}.{key}" if name else key, child, new))
                 m._modules[key] = new
     for name, m in list(model.named_modules()):
-        if _is_patched_block(m):
+        if not _is_adm_scale_shift_block(m):
             continue
-        problem = _scale_shift_block_problem(m)
+        problem = _scale_shift_probe_problem(m)
         if problem is None:
             old_forward, m._forward = m._forward, functools.partial(_scale_shift_forward, m)
             done.append(Replacement(f"{name}._forward" if name else "_forward", old_forward, m._forward))
-        elif problem != "not an ADM-style scale-shift block":
+        else:
             warnings.warn(f"patch_model: the scale-shift tail of {name or 'the model'} ({type(m).__name__}) stays "
                           f"unfused: {problem}", stacklevel=2)
     for name, m in list(model.named_modules()):

@@ -322,14 +322,14 @@ class Trainer:
             losses.append(terms["loss"].detach())
         return torch.cat(losses)
 
-    def _optimizer_step(self):
-        """One update; the EMAs follow only when the parameters moved (fp16: the scaler skips a
-        step with non-finite gradients, as ADM does). The step counts either way."""
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+    def _optimizer_step(self, grad_scale):
+        """One update of gradients carrying the loss scale ``grad_scale``; the EMAs follow only
+        when the parameters moved (fp16: the scaler skips a step with non-finite gradients and
+        lowers its scale, as ADM does). The step counts either way."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if scale is None or self.scaler.get_scale() >= scale:
+        if not self.scaler.is_enabled() or self.scaler.get_scale() >= grad_scale:
             params = [p.detach() for p in self.model.parameters()]
             for rate, ema in self.emas.items():
                 torch._foreach_lerp_(ema, params, 1 - rate)
@@ -359,7 +359,7 @@ class Trainer:
             self._record_losses(t, losses)
             grad_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
             if update:
-                self._optimizer_step()
+                self._optimizer_step(grad_scale)
             if k < replays - 1:
                 self._update_perturbations(micro, grad_scale)
         return losses.mean().item(), sum(m["perturbation"].skipped for m in micro)

@@ -153,13 +153,13 @@ def call(op, impl, function, *args):
     an op without a formula (``function`` None) go through ``op``. The ops' autograd formulas
     are first-order reverse mode, so under forward-mode AD and functorch transforms (jvp, grad,
     jacrev, vmap) the op runs on the reference backend, plain PyTorch that every mode differentiates."""
-    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                              or torch.autograd.forward_ad._current_level >= 0):
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         with use_backend("reference"):  # pure PyTorch: differentiable in every mode
             return impl(*args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or any(type(t) not in _PLAIN for t in tensors)):
+    if torch._C._len_torch_dispatch_stack() or any(type(t) not in _PLAIN for t in tensors):
         return op(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return op(*args) if function is None else function.apply(*args)
