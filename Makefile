@@ -38,8 +38,9 @@ $(DEPS): requirements-dev.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The package alone (ADV_DPM_BUILD_EXT=0): `build` makes the extension, incrementally.
 $(INST): $(DEPS) setup.py pyproject.toml
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	ADV_DPM_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 clean:

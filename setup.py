@@ -3,6 +3,9 @@
 ADV_DPM_BUILD_CUDA=1 forces the CUDA kernels (error if impossible), =0 skips them;
 unset, they are built when torch has CUDA and nvcc is found. ADV_DPM_CPU_SIMD=none|avx2|avx512 sets
 the SIMD level of the CPU kernels (default: the level torch uses on the build machine).
+ADV_DPM_BUILD_EXT=0 installs the Python package alone: an editable install builds the extension
+from scratch in a throwaway folder every time, so `make` installs with it and then builds the
+extension in place (`setup.py build_ext --inplace`), incrementally in build/.
 """
 import glob
 import os
@@ -57,7 +60,8 @@ def cpu_simd() -> str:
 
 def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-fvisibility=hidden", *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
+    # -g0: Python's own flags ask for debug info, which makes the CPU kernels compile 1.6x slower.
+    cxx = ["-O3", "-g0", "-fvisibility=hidden", *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
     link = openmp_flags()
     if not cuda_wanted():
         return cpp_extension.CppExtension("adv_dpm._C", sources, extra_compile_args={"cxx": cxx},
@@ -72,7 +76,7 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("ADV_DPM_BUILD_EXT", "").strip() == "0" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

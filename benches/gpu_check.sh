@@ -33,12 +33,12 @@ finish() { printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$L
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$LOG"
-# As `make build` does: an editable install (it maps kernels/ to adv_dpm.kernels), then the
-# extension in place (the objects are shared, so the second build only links).
+# As `make build` does: an editable install of the package alone (it maps kernels/ to
+# adv_dpm.kernels), then the extension in place (one build, not two).
 # Kernels for this GPU's architecture only, unless ADV_DPM_CUDA_ARCH says otherwise: half the build.
 arch=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
 export ADV_DPM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" ADV_DPM_CUDA_ARCH="${ADV_DPM_CUDA_ARCH:-$arch}"
-step build "$T_BUILD" bash -c "'$PY' -m pip install -q --no-build-isolation --no-deps --no-index -e . &&
+step build "$T_BUILD" bash -c "ADV_DPM_BUILD_EXT=0 '$PY' -m pip install -q --no-build-isolation --no-deps --no-index -e . &&
                                '$PY' setup.py -q build_ext --inplace" || finish
 step info 60 "$PY" -m adv_dpm.cli info
 workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
