@@ -85,6 +85,10 @@ def test_forward_matches_oracle(pair, dtype, case):
         assert y.is_contiguous(memory_format=torch.channels_last), "output lost the input's layout"
 
 
+def ref_y(x, w, b, groups, eps, scale, shift, act):
+    return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))[0]
+
+
 def grads_of(fn, args, grad_y):
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     y = fn(*leaves)
@@ -106,14 +110,33 @@ def test_backward_matches_autograd_of_oracle(pair, dtype, case):
     with use_pair(pair):
         got = grads_of(group_norm_act, args, grad_y)
 
-    def ref_fn(x, w, b, groups, eps, scale, shift, act):
-        return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))[0]
-    ref = grads_of(ref_fn, as64(args), grad_y.double().cpu())
+    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
     base = grads_of(eager.group_norm_act, args, grad_y)
     names = [n for n, a in zip(["x", "weight", "bias", "", "", "scale", "shift"], args) if isinstance(a, torch.Tensor)]
     for name, out, r, b in zip(names, got, ref, base):
         assert out.dtype == b.dtype or name != "x"
         assert_within_budget(f"grad_{name}", out.cpu().to(b.dtype), r, b.cpu())
+
+
+@pytest.mark.parametrize("wdtype, sdtype", [(torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32),
+                                             (torch.float16, torch.float64)], ids=str)
+def test_parameters_in_dtypes_of_their_own(pair, wdtype, sdtype):
+    """weight/bias and scale/shift each in a dtype of its own beside bf16 activations (ADM's fp32
+    parameters with bf16 scale/shift are the CASES above): each is read in its dtype, and each
+    gradient comes back in its parameter's dtype, within budget of the oracle."""
+    x, w, b, groups, eps, scale, shift, act = make_args(CASES[0], torch.bfloat16, pair[0])
+    args = (x, w.to(wdtype), b.to(wdtype), groups, eps, scale.to(sdtype), shift.to(sdtype), act)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(pair[0], x.dtype)
+    with use_pair(pair):
+        y = group_norm_act(*args)
+        got = grads_of(group_norm_act, args, grad_y)
+    assert_within_budget("y", y.cpu(), ref_y(*as64(args)), eager.group_norm_act(*args).cpu())
+    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
+    base = grads_of(eager.group_norm_act, args, grad_y)
+    for name, out, r, e, given in zip(["x", "weight", "bias", "scale", "shift"], got, ref, base,
+                                      [a for a in args if isinstance(a, torch.Tensor)]):
+        assert out.dtype == given.dtype, f"grad_{name} is {out.dtype}, its input {given.dtype}"
+        assert_within_budget(f"grad_{name}", out.cpu(), r, e.cpu())
 
 
 @pytest.mark.parametrize("act", ["silu", None])

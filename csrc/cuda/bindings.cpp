@@ -132,17 +132,17 @@ CoefView make_coef(const at::Tensor& c, const at::Tensor& ref, int64_t B, const 
   return v;
 }
 
-// A coefficient gradient (B,) in the dtype of `c`. Written directly when the kernels can store
-// that dtype, else through a float32 buffer converted afterwards (see finish_coef_out).
-CoefOut make_coef_out(const at::Tensor& c, int64_t B, at::Tensor& out, at::Tensor& buffer) {
+// A coefficient gradient of shape `sizes` in the dtype of `c`. Written directly when the kernels
+// can store that dtype, else through a float32 buffer converted afterwards (see finish_coef_out).
+CoefOut make_coef_out(const at::Tensor& c, at::IntArrayRef sizes, at::Tensor& out, at::Tensor& buffer) {
   CoefOut o;
   DType dt;
   if (coef_dtype(c.scalar_type(), &dt)) {
-    out = at::empty({B}, c.options());
+    out = at::empty(sizes, c.options());
     o.data = out.data_ptr();
     o.dtype = dt;
   } else {
-    buffer = at::empty({B}, c.options().dtype(at::kFloat));
+    buffer = at::empty(sizes, c.options().dtype(at::kFloat));
     o.data = buffer.data_ptr();
     o.dtype = DType::kFloat32;
   }
@@ -248,8 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> noise_inj
 
   at::Tensor grad_c_signal, grad_c_noise, buf_cs, buf_cn, partials;
   if (coef_grads) {
-    p.grad_c_signal = make_coef_out(c_signal, shape.B, grad_c_signal, buf_cs);
-    p.grad_c_noise = make_coef_out(c_noise, shape.B, grad_c_noise, buf_cn);
+    p.grad_c_signal = make_coef_out(c_signal, {shape.B}, grad_c_signal, buf_cs);
+    p.grad_c_noise = make_coef_out(c_noise, {shape.B}, grad_c_noise, buf_cn);
     partials = at::empty({adv_dpm_cuda::partials_floats(shape.B, p.nblk)}, grad_x_t.options().dtype(at::kFloat));
     p.partials = partials.data_ptr<float>();
   } else {
@@ -383,20 +383,25 @@ GNTensor gn_view(const at::Tensor& t) {
   return v;
 }
 
-// An optional small input (weight, bias: (C,); scale, shift: (N, C)), any floating dtype, as a
-// float32 contiguous tensor (undefined when not given).
-at::Tensor gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const std::vector<int64_t>& shape,
-                    const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
+// An optional small input (weight, bias: (C,); scale, shift: (N, C)), any floating dtype, read by
+// the kernels in its own dtype where they can (no cast kernel per call); `keep` holds a contiguous
+// or float32 copy where one is needed and must outlive the launch. data == nullptr: not given.
+CoefView gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const std::vector<int64_t>& shape,
+                  const char* op, const char* name, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return CoefView();
   TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating point, got ", t->scalar_type());
   TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
               ", got ", t->sizes());
-  return t->to(at::kFloat).contiguous();
+  keep = t->contiguous();
+  CoefView v;
+  if (!coef_dtype(keep.scalar_type(), &v.dtype)) {
+    keep = keep.to(at::kFloat);
+    v.dtype = DType::kFloat32;
+  }
+  v.data = keep.data_ptr();
+  return v;
 }
-
-const float* gn_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-float* gn_mut_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 void gn_check_args(const at::Tensor& x, int64_t num_groups, int64_t act, const char* op) {
   TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op, ": x must have shape (N, C, *spatial) with 0 to 2 spatial dims, got ",
@@ -422,10 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
   const at::Tensor xw = gn_collapsible(x) ? x : x.contiguous();
   at::Tensor y = at::empty_like(x);
   at::Tensor yw = gn_collapsible(y) ? y : at::empty_like(xw);
-  const at::Tensor w = gn_small(weight, x, {C}, op, "weight");
-  const at::Tensor b = gn_small(bias, x, {C}, op, "bias");
-  const at::Tensor sc = gn_small(scale, x, {N, C}, op, "scale");
-  const at::Tensor sh = gn_small(shift, x, {N, C}, op, "shift");
+  at::Tensor keep[4];
+  const CoefView w = gn_small(weight, x, {C}, op, "weight", keep[0]);
+  const CoefView b = gn_small(bias, x, {C}, op, "bias", keep[1]);
+  const CoefView sc = gn_small(scale, x, {N, C}, op, "scale", keep[2]);
+  const CoefView sh = gn_small(shift, x, {N, C}, op, "shift", keep[3]);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({N, num_groups}, f32);
   at::Tensor rstd = at::empty({N, num_groups}, f32);
@@ -440,10 +446,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
   p.act = static_cast<int32_t>(act);
   p.x = gn_view(xw);
   p.y = gn_view(yw);
-  p.weight = gn_ptr(w);
-  p.bias = gn_ptr(b);
-  p.scale = gn_ptr(sc);
-  p.shift = gn_ptr(sh);
+  p.weight = w;
+  p.bias = b;
+  p.scale = sc;
+  p.shift = sh;
   p.mean = mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
   const int64_t ws_floats = adv_dpm_cuda::group_norm_act_workspace_floats(p);
@@ -487,16 +493,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor gxw = gn_collapsible(grad_x) ? grad_x : at::empty_like(xw);
   const at::Tensor mean32 = mean.to(at::kFloat).contiguous();
   const at::Tensor rstd32 = rstd.to(at::kFloat).contiguous();
-  const at::Tensor w = gn_small(weight, x, {C}, op, "weight");
-  const at::Tensor b = gn_small(bias, x, {C}, op, "bias");
-  const at::Tensor sc = gn_small(scale, x, {N, C}, op, "scale");
-  const at::Tensor sh = gn_small(shift, x, {N, C}, op, "shift");
+  at::Tensor keep[4];
+  const CoefView w = gn_small(weight, x, {C}, op, "weight", keep[0]);
+  const CoefView b = gn_small(bias, x, {C}, op, "bias", keep[1]);
+  const CoefView sc = gn_small(scale, x, {N, C}, op, "scale", keep[2]);
+  const CoefView sh = gn_small(shift, x, {N, C}, op, "shift", keep[3]);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-  // Parameter gradients in float32, converted to each parameter's dtype at the end.
-  at::Tensor gw = w.defined() ? at::empty({C}, f32) : at::Tensor();
-  at::Tensor gb = b.defined() ? at::empty({C}, f32) : at::Tensor();
-  at::Tensor gsc = sc.defined() ? at::empty({N, C}, f32) : at::Tensor();
-  at::Tensor gsh = sh.defined() ? at::empty({N, C}, f32) : at::Tensor();
 
   adv_dpm_cuda::GroupNormActBackwardParams p;
   p.dtype = dtype;
@@ -510,14 +512,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   p.grad_x = gn_view(gxw);
   p.mean = mean32.data_ptr<float>();
   p.rstd = rstd32.data_ptr<float>();
-  p.weight = gn_ptr(w);
-  p.bias = gn_ptr(b);
-  p.scale = gn_ptr(sc);
-  p.shift = gn_ptr(sh);
-  p.grad_weight = gn_mut_ptr(gw);
-  p.grad_bias = gn_mut_ptr(gb);
-  p.grad_scale = gn_mut_ptr(gsc);
-  p.grad_shift = gn_mut_ptr(gsh);
+  p.weight = w;
+  p.bias = b;
+  p.scale = sc;
+  p.shift = sh;
+  // Parameter gradients in each parameter's dtype (an empty tensor where it was not given).
+  at::Tensor grads[4], buffers[4];
+  const std::optional<at::Tensor>* params[4] = {&weight, &bias, &scale, &shift};
+  CoefOut* outs[4] = {&p.grad_weight, &p.grad_bias, &p.grad_scale, &p.grad_shift};
+  for (int i = 0; i < 4; ++i) {
+    if (keep[i].defined()) *outs[i] = make_coef_out(**params[i], (*params[i])->sizes(), grads[i], buffers[i]);
+  }
   const int64_t ws_floats = adv_dpm_cuda::group_norm_act_backward_workspace_floats(p);
   at::Tensor workspace;
   if (ws_floats > 0) {
@@ -527,10 +532,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
 
   C10_CUDA_CHECK(adv_dpm_cuda::launch_group_norm_act_backward(p, current_stream()));
   if (!gxw.is_same(grad_x)) grad_x.copy_(gxw);
-  const auto finish = [&](const std::optional<at::Tensor>& param, const at::Tensor& g) {
-    return g.defined() ? g.to(param->scalar_type()) : at::empty({0}, x.options());
-  };
-  return std::make_tuple(grad_x, finish(weight, gw), finish(bias, gb), finish(scale, gsc), finish(shift, gsh));
+  for (int i = 0; i < 4; ++i) {
+    if (keep[i].defined()) {
+      finish_coef_out(**params[i], grads[i], buffers[i]);
+    } else {
+      grads[i] = at::empty({0}, x.options());
+    }
+  }
+  return std::make_tuple(grad_x, grads[0], grads[1], grads[2], grads[3]);
 }
 
 }  // namespace

@@ -185,13 +185,18 @@ struct ChanCoef {
   float w, b, wk, bks;
 };
 
-__device__ __forceinline__ ChanCoef chan_coef(const float* weight, const float* bias, const float* scale,
-                                              const float* shift, int64_t nc, int64_t c) {
+// A small input (weight, bias, scale, shift) at flat index i, in fp32; `absent` where not given.
+__device__ __forceinline__ float small_at(const CoefView& t, int64_t i, float absent) {
+  return t.data != nullptr ? load_coef(t, i) : absent;
+}
+
+__device__ __forceinline__ ChanCoef chan_coef(const CoefView& weight, const CoefView& bias, const CoefView& scale,
+                                              const CoefView& shift, int64_t nc, int64_t c) {
   ChanCoef r;
-  r.w = weight != nullptr ? __ldg(weight + c) : 1.f;
-  r.b = bias != nullptr ? __ldg(bias + c) : 0.f;
-  const float k = scale != nullptr ? 1.f + __ldg(scale + nc) : 1.f;
-  const float s = shift != nullptr ? __ldg(shift + nc) : 0.f;
+  r.w = small_at(weight, c, 1.f);
+  r.b = small_at(bias, c, 0.f);
+  const float k = 1.f + small_at(scale, nc, 0.f);
+  const float s = small_at(shift, nc, 0.f);
   r.wk = r.w * k;
   r.bks = fmaf(r.b, k, s);
   return r;
@@ -513,8 +518,8 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
               w.S[nc * 2] = a1;
               w.S[nc * 2 + 1] = a2;
             }
-            if (p.grad_shift != nullptr) p.grad_shift[nc] = a1;
-            if (p.grad_scale != nullptr) p.grad_scale[nc] = fmaf(cf.w, a2, cf.b * a1);
+            if (p.grad_shift.data != nullptr) store_coef(p.grad_shift, nc, a1);
+            if (p.grad_scale.data != nullptr) store_coef(p.grad_scale, nc, fmaf(cf.w, a2, cf.b * a1));
             s1v[base] = cf.wk * a1;
             s2v[base] = cf.wk * a2;
           }
@@ -620,8 +625,8 @@ __device__ __forceinline__ void write_channel_grads(const GroupNormActBackwardPa
     w.S[nc * 2] = s1;
     w.S[nc * 2 + 1] = s2;
   }
-  if (p.grad_shift != nullptr) p.grad_shift[nc] = s1;
-  if (p.grad_scale != nullptr) p.grad_scale[nc] = fmaf(cf.w, s2, cf.b * s1);
+  if (p.grad_shift.data != nullptr) store_coef(p.grad_shift, nc, s1);
+  if (p.grad_scale.data != nullptr) store_coef(p.grad_scale, nc, fmaf(cf.w, s2, cf.b * s1));
 }
 
 // One warp per (n, g): per channel, adds the nchunk partials (S1, S2) in order; writes S,
@@ -674,7 +679,7 @@ __global__ void __launch_bounds__(kParamThreads, 2) gn_bwd_params_kernel(const G
   if (c < p.C) {
     for (int64_t n = slice; n < p.N; n += kSlices) {
       const int64_t nc = n * p.C + c;
-      const float k = p.scale != nullptr ? 1.f + __ldg(p.scale + nc) : 1.f;
+      const float k = 1.f + small_at(p.scale, nc, 0.f);
       gb = fmaf(k, w.S[nc * 2], gb);
       gw = fmaf(k, w.S[nc * 2 + 1], gw);
     }
@@ -687,8 +692,8 @@ __global__ void __launch_bounds__(kParamThreads, 2) gn_bwd_params_kernel(const G
       gw += sm[0][s][lane];
       gb += sm[1][s][lane];
     }
-    if (p.grad_weight != nullptr) p.grad_weight[c] = gw;
-    if (p.grad_bias != nullptr) p.grad_bias[c] = gb;
+    if (p.grad_weight.data != nullptr) store_coef(p.grad_weight, c, gw);
+    if (p.grad_bias.data != nullptr) store_coef(p.grad_bias, c, gb);
   }
 }
 
@@ -1117,7 +1122,7 @@ Plan backward_plan(const GroupNormActBackwardParams& p) {
     pl.ws_table = off;
     off += round4(p.N * p.C * 8);
   }
-  if (p.grad_weight != nullptr || p.grad_bias != nullptr) {
+  if (p.grad_weight.data != nullptr || p.grad_bias.data != nullptr) {
     pl.ws_S = off;
     off += round4(p.N * p.C * 2);
   } else {
@@ -1291,7 +1296,7 @@ cudaError_t launch_group_norm_act_backward(const GroupNormActBackwardParams& par
   if (pl.ws_total > 0 && (p.workspace == nullptr || !aligned16(p.workspace))) return cudaErrorInvalidValue;
   Work w;
   if (pl.ws_S >= 0) w.S = p.workspace + pl.ws_S;
-  const bool param_grads = p.grad_weight != nullptr || p.grad_bias != nullptr;
+  const bool param_grads = p.grad_weight.data != nullptr || p.grad_bias.data != nullptr;
   if (p.N > 0 && p.C > 0) {
     if (pl.path == Path::kEmpty) {
       // No elements (HW == 0): S1 = S2 = 0, every parameter gradient is 0; grad_x is empty.

@@ -41,14 +41,15 @@ struct View {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
-// A 1-D coefficient vector of length B, any stride (elements), fp32/fp64/fp16/bf16.
+// A 1-D coefficient vector (per sample; group_norm_act: per channel or (n, c) flattened), any
+// stride (elements), fp32/fp64/fp16/bf16.
 struct CoefView {
   const void* data = nullptr;
   int64_t stride = 1;
   DType dtype = DType::kFloat32;
 };
 
-// A contiguous 1-D coefficient output of length B.
+// A contiguous 1-D coefficient output (per sample; group_norm_act: per channel or (n, c)).
 struct CoefOut {
   void* data = nullptr;
   DType dtype = DType::kFloat32;
@@ -148,7 +149,9 @@ struct GNTensor {
 
 // group_norm_act(x, weight?, bias?, scale?, shift?, num_groups, eps, act) -> (y, mean, rstd).
 // x, y: kFloat32 / kFloat16 / kBFloat16 (dtype), each with its own strides. The small inputs are
-// float32 and contiguous (the binding converts them); nullptr = not given.
+// read in their own dtype (stride 1: contiguous, flat index c or n * C + c), so a call needs no cast
+// kernel around it (ADM keeps norm parameters in float32 beside bf16 activations and scale/shift);
+// data == nullptr: not given.
 struct GroupNormActParams {
   DType dtype = DType::kFloat32;
   int64_t N = 0, C = 0, HW = 0, G = 1;  // C % G == 0
@@ -156,10 +159,8 @@ struct GroupNormActParams {
   int32_t act = 1;                      // 1: SiLU, 0: identity
   GNTensor x;                           // input
   GNTensor y;                           // output
-  const float* weight = nullptr;        // (C,)
-  const float* bias = nullptr;          // (C,)
-  const float* scale = nullptr;         // (N, C)
-  const float* shift = nullptr;         // (N, C)
+  CoefView weight, bias;                // (C,)
+  CoefView scale, shift;                // (N, C)
   float* mean = nullptr;                // (N, G) output
   float* rstd = nullptr;                // (N, G) output
   float* workspace = nullptr;           // group_norm_act_workspace_floats(*this) floats, 16-byte aligned
@@ -168,7 +169,7 @@ struct GroupNormActParams {
 // group_norm_act_backward(grad_y, x, mean, rstd, weight?, bias?, scale?, shift?, num_groups, act)
 //   -> (grad_x, grad_weight, grad_bias, grad_scale, grad_shift).
 // grad_y, x, grad_x: one dtype, each with its own strides. Parameter gradients are written in
-// float32 (contiguous); nullptr = not wanted (the parameter was not given).
+// their parameter's dtype (contiguous); data == nullptr: not wanted (the parameter was not given).
 struct GroupNormActBackwardParams {
   DType dtype = DType::kFloat32;
   int64_t N = 0, C = 0, HW = 0, G = 1;
@@ -177,14 +178,10 @@ struct GroupNormActBackwardParams {
   GNTensor grad_x;                      // output
   const float* mean = nullptr;          // (N, G) float32 contiguous
   const float* rstd = nullptr;          // (N, G)
-  const float* weight = nullptr;        // (C,)
-  const float* bias = nullptr;          // (C,)
-  const float* scale = nullptr;         // (N, C)
-  const float* shift = nullptr;         // (N, C)
-  float* grad_weight = nullptr;         // (C,) output
-  float* grad_bias = nullptr;           // (C,) output
-  float* grad_scale = nullptr;          // (N, C) output
-  float* grad_shift = nullptr;          // (N, C) output
+  CoefView weight, bias;                // (C,)
+  CoefView scale, shift;                // (N, C)
+  CoefOut grad_weight, grad_bias;       // (C,) outputs
+  CoefOut grad_scale, grad_shift;       // (N, C) outputs
   float* workspace = nullptr;           // group_norm_act_backward_workspace_floats(*this) floats, 16-byte aligned
 };
 
