@@ -4,8 +4,9 @@
 # run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
 # gpu_check.log (every step's output, then a summary), the benchmarks'
 # <name>-<device>-<date>.{md,json} and targets.md. (Few files: a device call returns at most 8.)
-# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests gn train ops"); a benchmark
-# stopped at its limit keeps the rows it measured. About 8 minutes on an H100.
+# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests gn train ops"), about 7.5
+# minutes in all; a benchmark stopped at its limit keeps the rows it measured, and each measures
+# the rows of the issues' targets first.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-read -r T_BUILD T_TESTS T_GN T_TRAIN T_OPS <<<"${GPU_CHECK_LIMITS:-150 90 150 100 110}"
+read -r T_BUILD T_TESTS T_GN T_TRAIN T_OPS <<<"${GPU_CHECK_LIMITS:-100 60 120 70 90}"
 status=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
