@@ -165,8 +165,8 @@ class Trainer:
         self.learn_sigma = self.model.config.get("learn_sigma", False)
         self.schedule = Schedule.named(config.noise_schedule, config.diffusion_steps)
         self.timesteps = create_timestep_sampler(config.schedule_sampler, config.diffusion_steps)
-        # torch's fused AdamW (one kernel over all parameters): on a 2-core CPU its step takes a
-        # quarter of the per-tensor loop's time, and a GPU step is launch-bound without it.
+        # torch's fused AdamW (one kernel over all parameters): on a 2-core CPU its step took a
+        # quarter of the per-tensor loop's time.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda") or None)
         self.emas = {rate: [p.detach().clone() for p in self.model.parameters()] for rate in config.ema_rates()}

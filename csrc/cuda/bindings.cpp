@@ -107,8 +107,20 @@ bool coef_dtype(at::ScalarType st, DType* out) {
   }
 }
 
-// A coefficient vector (B,), any floating dtype, any stride. Dtypes the kernels do not read are
-// converted to float32 into `keep` (which must outlive the launch).
+// The CoefView of `t` (1-D with any stride, or contiguous and indexed flat). Dtypes the kernels do
+// not read are converted to float32 into `keep` (which must outlive the launch).
+CoefView coef_view(at::Tensor t, at::Tensor& keep) {
+  CoefView v;
+  if (!coef_dtype(t.scalar_type(), &v.dtype)) {
+    keep = t = t.to(at::kFloat).contiguous();
+    v.dtype = DType::kFloat32;
+  }
+  v.data = t.data_ptr();
+  v.stride = t.dim() == 1 ? t.stride(0) : 1;
+  return v;
+}
+
+// A coefficient vector (B,), any floating dtype, any stride (see coef_view).
 CoefView make_coef(const at::Tensor& c, const at::Tensor& ref, int64_t B, const char* op, const char* name,
                    at::Tensor& keep) {
   TORCH_CHECK(c.defined(), op, ": ", name, " is undefined");
@@ -118,18 +130,7 @@ CoefView make_coef(const at::Tensor& c, const at::Tensor& ref, int64_t B, const 
               c.sizes());
   TORCH_CHECK(at::isFloatingType(c.scalar_type()), op, ": ", name, " must be floating point, got ",
               c.scalar_type());
-  CoefView v;
-  DType dt;
-  const at::Tensor* src = &c;
-  if (!coef_dtype(c.scalar_type(), &dt)) {
-    keep = c.to(at::kFloat);
-    src = &keep;
-    dt = DType::kFloat32;
-  }
-  v.data = src->data_ptr();
-  v.stride = src->stride(0);
-  v.dtype = dt;
-  return v;
+  return coef_view(c, keep);
 }
 
 // A coefficient gradient of shape `sizes` in the dtype of `c`. Written directly when the kernels
@@ -394,13 +395,7 @@ CoefView gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const
   TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
               ", got ", t->sizes());
   keep = t->contiguous();
-  CoefView v;
-  if (!coef_dtype(keep.scalar_type(), &v.dtype)) {
-    keep = keep.to(at::kFloat);
-    v.dtype = DType::kFloat32;
-  }
-  v.data = keep.data_ptr();
-  return v;
+  return coef_view(keep, keep);
 }
 
 void gn_check_args(const at::Tensor& x, int64_t num_groups, int64_t act, const char* op) {
