@@ -1,12 +1,16 @@
 """Triton kernels of the single-step adversarial update of free AT (docs/OPS.md, adv_step).
 
-Two passes over the data:
-  _adv_stats_kernel  per (sample, block) partials of gg = sum g*g, dg = sum delta*g,
-                     dd = sum delta*delta, with g = grad (+ grad_target / c_noise);
-  _adv_apply_kernel  every program sums its sample's partials in a fixed order (deterministic,
-                     no atomics), computes step / scale / skip itself and writes new_delta (and
-                     x_adv, target in the fused form); block 0 of each sample writes grad_norm,
-                     delta_norm and skipped.
+A statistics pass (gg = sum g*g, dg = sum delta*g, dd = sum delta*delta, with
+g = grad (+ grad_target / c_noise)) and an apply pass, in one of two forms:
+  _adv_sample_kernel  samples of at most SAMPLE_MAX elements in a dense layout shared by every
+                      tensor: one program per sample runs both passes (the apply pass re-reads
+                      delta and g from cache). One launch: at these sizes a launch costs about as
+                      much as the data.
+  _adv_stats_kernel   otherwise, per (sample, block) partials of gg, dg, dd, then
+  _adv_apply_kernel   in which every program sums its sample's partials in a fixed order
+                      (deterministic, no atomics), computes step / scale / skip itself and writes
+                      new_delta (and x_adv, target in the fused form); block 0 of each sample
+                      writes grad_norm, delta_norm and skipped.
 
 Works on GPU and under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors.
 """
@@ -14,13 +18,111 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (coef32, device_guard, fast_path, geometry, index_is_64bit, load32, offset, split, store,
-                      stride_args, tile, tiling)
+from ._common import (MIN_BLOCK, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, offset, split,
+                      store, stride_args, tile, tiling)
 
 GRAD_NORM_FLOOR = tl.constexpr(1e-8)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest float32: x <= FLT_MAX is isfinite for x >= 0
 # Partials are summed PART_CHUNK at a time (a power of two): fixed shapes, hence a fixed order.
 PART_CHUNK = 128
+# Samples of at most this many elements (ImageNet-64: 3 x 64 x 64 = 12288) take one program each,
+# SAMPLE_BLOCK elements at a time.
+SAMPLE_MAX, SAMPLE_BLOCK = 16384, 8192
+
+
+@triton.jit
+def _c_noise(cn_ptr, b, NEEDED: tl.constexpr):
+    """c_noise[b] where the step needs it, else 1."""
+    if NEEDED:
+        return tl.load(cn_ptr + b)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _grad(grad_ptr, gt_ptr, o_g, o_gt, m, c_n, HAS_GT: tl.constexpr):
+    """g = grad (+ grad_target / c_noise) in fp32."""
+    g = load32(grad_ptr, o_g, m)
+    if HAS_GT:
+        g = g + load32(gt_ptr, o_gt, m) / c_n
+    return g
+
+
+@triton.jit
+def _step_scalars(gg, dg, dd, lr, radius, grad_scale):
+    """(ok, grad_norm, step, scale, delta_norm) of one sample from its statistics (docs/OPS.md)."""
+    lr = tl.cast(lr, tl.float32)
+    radius = tl.cast(radius, tl.float32)
+    grad_scale = tl.cast(grad_scale, tl.float32)
+    ok = gg <= FLT_MAX  # false for inf and nan: a non-finite element of g, or overflow
+    grad_norm = tl.sqrt(gg) / grad_scale
+    step = lr / tl.maximum(grad_norm, GRAD_NORM_FLOOR) / grad_scale
+    step = tl.where(ok, step, 0.0)
+    n = tl.sqrt(tl.maximum(dd + 2.0 * step * dg + step * step * gg, 0.0))
+    over = n > radius
+    scale = tl.where(over, radius / tl.where(over, n, 1.0), 1.0)
+    delta_norm = tl.where(ok, tl.minimum(n, radius), tl.sqrt(dd))
+    return ok, grad_norm, step, scale, delta_norm
+
+
+@triton.jit
+def _write(nd_ptr, xadv_ptr, tgt_ptr, o_nd, o_xa, o_tg, m, d, g, x_t, e, c_n, ok, step, scale,
+           HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr):
+    """new_delta (delta itself when the sample is skipped), and x_adv, target in the fused form."""
+    new = tl.where(ok, scale * (d + step * g), d)
+    store(nd_ptr, o_nd, new, m)
+    if HAS_XT:
+        store(xadv_ptr, o_xa, x_t + new, m)
+        if DELTA_TARGET:
+            store(tgt_ptr, o_tg, e + new / c_n, m)
+        else:
+            store(tgt_ptr, o_tg, e, m)
+
+
+@triton.jit
+def _store_norms(gnorm_ptr, dnorm_ptr, skip_ptr, b, ok, grad_norm, delta_norm):
+    tl.store(gnorm_ptr + b, grad_norm)
+    tl.store(dnorm_ptr + b, delta_norm)
+    tl.store(skip_ptr + b, tl.where(ok, 0, 1).to(tl.int8))
+
+
+@triton.jit
+def _adv_sample_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr,
+                       nd_ptr, xadv_ptr, tgt_ptr, gnorm_ptr, dnorm_ptr, skip_ptr,
+                       lr, radius, grad_scale, N,
+                       HAS_GT: tl.constexpr, HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * N
+    c_n = _c_noise(cn_ptr, b, HAS_GT or DELTA_TARGET)
+    acc_gg = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_dg = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_dd = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < N
+        o = base + i
+        d = load32(delta_ptr, o, m)
+        g = _grad(grad_ptr, gt_ptr, o, o, m, c_n, HAS_GT)
+        acc_gg += g * g
+        acc_dg += d * g
+        acc_dd += d * d
+    ok, grad_norm, step, scale, delta_norm = _step_scalars(
+        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, grad_scale)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < N
+        o = base + i
+        d = load32(delta_ptr, o, m)
+        g = _grad(grad_ptr, gt_ptr, o, o, m, c_n, HAS_GT)
+        if HAS_XT:
+            x_t = load32(xt_ptr, o, m)
+            e = load32(eps_ptr, o, m)
+        else:
+            x_t = d
+            e = d
+        _write(nd_ptr, xadv_ptr, tgt_ptr, o, o, o, m, d, g, x_t, e, c_n, ok, step, scale, HAS_XT, DELTA_TARGET)
+    _store_norms(gnorm_ptr, dnorm_ptr, skip_ptr, b, ok, grad_norm, delta_norm)
 
 
 @triton.jit
@@ -40,10 +142,7 @@ def _adv_stats_kernel(delta_ptr, grad_ptr, gt_ptr, cn_ptr, part_ptr,
         o_g = offset(b, i1, i2, i3, g_s0, g_s1, g_s2, g_s3)
         o_gt = offset(b, i1, i2, i3, gt_s0, gt_s1, gt_s2, gt_s3)
     d = load32(delta_ptr, o_d, m)
-    g = load32(grad_ptr, o_g, m)
-    if HAS_GT:
-        c_n = tl.load(cn_ptr + b)
-        g = g + load32(gt_ptr, o_gt, m) / c_n
+    g = _grad(grad_ptr, gt_ptr, o_g, o_gt, m, _c_noise(cn_ptr, b, HAS_GT), HAS_GT)
     # part[k, b, blk]: k = 0 gg, 1 dg, 2 dd.
     pb = part_ptr + b * NB + blk
     tl.store(pb, tl.sum(g * g, axis=0))
@@ -62,9 +161,6 @@ def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part
                       HAS_GT: tl.constexpr, HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr,
                       FAST: tl.constexpr, I64: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     b, blk, i, m = tile(NB, N, BLOCK, I64)
-    lr = tl.cast(lr, tl.float32)
-    radius = tl.cast(radius, tl.float32)
-    grad_scale = tl.cast(grad_scale, tl.float32)
 
     # The element loads first: their latency then overlaps the (small) partial reduction.
     if FAST:
@@ -87,15 +183,15 @@ def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part
         o_nd = offset(b, i1, i2, i3, nd_s0, nd_s1, nd_s2, nd_s3)
         o_xa = offset(b, i1, i2, i3, xa_s0, xa_s1, xa_s2, xa_s3)
         o_tg = offset(b, i1, i2, i3, tg_s0, tg_s1, tg_s2, tg_s3)
+    c_n = _c_noise(cn_ptr, b, HAS_GT or DELTA_TARGET)
     d = load32(delta_ptr, o_d, m)
-    g = load32(grad_ptr, o_g, m)
-    if HAS_GT or DELTA_TARGET:
-        c_n = tl.load(cn_ptr + b)
-    if HAS_GT:
-        g = g + load32(gt_ptr, o_gt, m) / c_n
+    g = _grad(grad_ptr, gt_ptr, o_g, o_gt, m, c_n, HAS_GT)
     if HAS_XT:
         x_t = load32(xt_ptr, o_xt, m)
         e = load32(eps_ptr, o_e, m)
+    else:
+        x_t = d
+        e = d
 
     # This sample's statistics: its NB partials, CHUNK at a time, then one tree sum (fixed order).
     acc_gg = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -108,32 +204,12 @@ def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part
         acc_gg += tl.load(pb + k, mask=km, other=0.0)
         acc_dg += tl.load(pb + B * NB + k, mask=km, other=0.0)
         acc_dd += tl.load(pb + 2 * B * NB + k, mask=km, other=0.0)
-    gg = tl.sum(acc_gg, axis=0)
-    dg = tl.sum(acc_dg, axis=0)
-    dd = tl.sum(acc_dd, axis=0)
+    ok, grad_norm, step, scale, delta_norm = _step_scalars(
+        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, grad_scale)
 
-    ok = gg <= FLT_MAX  # false for inf and nan: a non-finite element of g, or overflow
-    grad_norm = tl.sqrt(gg) / grad_scale
-    step = lr / tl.maximum(grad_norm, GRAD_NORM_FLOOR) / grad_scale
-    step = tl.where(ok, step, 0.0)
-    n = tl.sqrt(tl.maximum(dd + 2.0 * step * dg + step * step * gg, 0.0))
-    over = n > radius
-    scale = tl.where(over, radius / tl.where(over, n, 1.0), 1.0)
-    delta_norm = tl.where(ok, tl.minimum(n, radius), tl.sqrt(dd))
-
-    # A skipped sample keeps delta exactly.
-    new = tl.where(ok, scale * (d + step * g), d)
-    store(nd_ptr, o_nd, new, m)
-    if HAS_XT:
-        store(xadv_ptr, o_xa, x_t + new, m)
-        if DELTA_TARGET:
-            store(tgt_ptr, o_tg, e + new / c_n, m)
-        else:
-            store(tgt_ptr, o_tg, e, m)
+    _write(nd_ptr, xadv_ptr, tgt_ptr, o_nd, o_xa, o_tg, m, d, g, x_t, e, c_n, ok, step, scale, HAS_XT, DELTA_TARGET)
     if blk == 0:
-        tl.store(gnorm_ptr + b, grad_norm)
-        tl.store(dnorm_ptr + b, delta_norm)
-        tl.store(skip_ptr + b, tl.where(ok, 0, 1).to(tl.int8))
+        _store_norms(gnorm_ptr, dnorm_ptr, skip_ptr, b, ok, grad_norm, delta_norm)
 
 
 def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale, mode):
@@ -150,7 +226,6 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     if has_xt and eps is None:
         raise ValueError("adv_step: eps is required with x_t")
     batch, n, s2, s3 = geometry(delta)
-    block, nb, warps = tiling(batch, n)
     new_delta = torch.empty_like(delta)
     if has_xt:
         x_adv, target = torch.empty_like(x_t), torch.empty_like(x_t)
@@ -159,24 +234,31 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     grad_norm = torch.empty((batch,), dtype=torch.float32, device=delta.device)
     delta_norm = torch.empty((batch,), dtype=torch.float32, device=delta.device)
     skipped = torch.empty((batch,), dtype=torch.bool, device=delta.device)
-    part = torch.empty((3, batch, nb), dtype=torch.float32, device=delta.device)
-    cn32 = coef32(c_noise) if c_noise is not None else part
+    cn32 = coef32(c_noise) if c_noise is not None else grad_norm
     gt = grad_target if has_gt else grad
     xt, e = (x_t, eps) if has_xt else (delta, delta)
     xa, tg = (x_adv, target) if has_xt else (new_delta, new_delta)
     stats_tensors = [delta, grad] + ([grad_target] if has_gt else [])
     apply_tensors = stats_tensors + [new_delta] + ([x_t, eps, x_adv, target] if has_xt else [])
-    i64 = index_is_64bit(n)
-    grid = (batch * nb,)
+    flags = dict(HAS_GT=has_gt, HAS_XT=has_xt, DELTA_TARGET=has_xt and mode != 0)
+    scalars = (float(lr), float(radius), float(grad_scale))
+    outputs = (new_delta, xa, tg, grad_norm, delta_norm, skipped.view(torch.int8))
     with device_guard(delta):
-        _adv_stats_kernel[grid](
-            delta, grad, gt, cn32, part, batch, n, nb, s2, s3, *stride_args(delta, grad, gt),
-            HAS_GT=has_gt, FAST=fast_path(*stats_tensors), I64=i64, BLOCK=block, num_warps=warps)
-        _adv_apply_kernel[grid](
-            delta, grad, gt, xt, e, cn32, part, new_delta, xa, tg, grad_norm, delta_norm,
-            skipped.view(torch.int8), float(lr), float(radius), float(grad_scale),
-            batch, n, nb, s2, s3, *stride_args(delta, grad, gt, xt, e, new_delta, xa, tg),
-            HAS_GT=has_gt, HAS_XT=has_xt, DELTA_TARGET=has_xt and mode != 0,
-            FAST=fast_path(*apply_tensors), I64=i64, BLOCK=block,
-            CHUNK=min(PART_CHUNK, triton.next_power_of_2(nb)), num_warps=warps)
+        if n <= SAMPLE_MAX and fast_path(*apply_tensors):
+            block = min(SAMPLE_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(n)))
+            _adv_sample_kernel[(batch,)](delta, grad, gt, xt, e, cn32, *outputs, *scalars, n, **flags,
+                                         BLOCK=block, num_warps=max(1, min(16, block // 512)))
+        else:
+            block, nb, warps = tiling(batch, n)
+            part = torch.empty((3, batch, nb), dtype=torch.float32, device=delta.device)
+            i64 = index_is_64bit(n)
+            grid = (batch * nb,)
+            _adv_stats_kernel[grid](
+                delta, grad, gt, cn32, part, batch, n, nb, s2, s3, *stride_args(delta, grad, gt),
+                HAS_GT=has_gt, FAST=fast_path(*stats_tensors), I64=i64, BLOCK=block, num_warps=warps)
+            _adv_apply_kernel[grid](
+                delta, grad, gt, xt, e, cn32, part, *outputs, *scalars,
+                batch, n, nb, s2, s3, *stride_args(delta, grad, gt, xt, e, new_delta, xa, tg), **flags,
+                FAST=fast_path(*apply_tensors), I64=i64, BLOCK=block,
+                CHUNK=min(PART_CHUNK, triton.next_power_of_2(nb)), num_warps=warps)
     return new_delta, x_adv, target, grad_norm, delta_norm, skipped

@@ -333,8 +333,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.grad_norm = grad_norm.data_ptr<float>();
   p.delta_norm = delta_norm.data_ptr<float>();
   p.skipped = skipped.data_ptr<bool>();
-  at::Tensor partials = at::empty({adv_dpm_cuda::partials_floats(shape.B, p.nblk)}, f32);
-  p.partials = partials.data_ptr<float>();
+  at::Tensor partials;
+  if (!adv_dpm_cuda::adv_step_one_block_per_sample(shape)) {
+    partials = at::empty({adv_dpm_cuda::partials_floats(shape.B, p.nblk)}, f32);
+    p.partials = partials.data_ptr<float>();
+  }
 
   C10_CUDA_CHECK(adv_dpm_cuda::launch_adv_step(p, current_stream()));
   return std::make_tuple(new_delta, x_adv, target, grad_norm, delta_norm, skipped);

@@ -220,12 +220,12 @@ __device__ __forceinline__ void for_sample(const Shape& s, int64_t b, F&& f) {
   for (int64_t i = unit_start(); i < count; i += step) f(make_coord<V, kStrided>(s, b, i));
 }
 
-// Deterministic block sum of NV values per thread: warp shuffles, then warp 0 sums the warp
-// totals in order. The result is valid in thread 0. `smem` holds NV * (kThreads / 32) floats.
-// Ends with the block synchronized so `smem` may be reused.
-template <int NV>
+// Deterministic block sum of NV values per thread over a block of kBlock threads: warp
+// shuffles, then thread 0 sums the warp totals in order. The result is valid in thread 0.
+// `smem` holds NV * (kBlock / 32) floats. Ends with the block synchronized so `smem` may be reused.
+template <int NV, int kBlock = kThreads>
 __device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
-  constexpr int kWarps = kThreads / 32;
+  constexpr int kWarps = kBlock / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {

@@ -70,6 +70,12 @@ inline int64_t blocks_per_sample(int64_t B, int64_t N, DType dtype) {
   return nblk;
 }
 
+// adv_step runs as one kernel, one block per sample, for samples of at most this many elements
+// (ImageNet-64: 3 x 64 x 64 = 12288); larger samples take the two kernels of nblk blocks per
+// sample, which need the partials workspace.
+constexpr int64_t kAdvStepSampleMax = 16384;
+inline bool adv_step_one_block_per_sample(const Shape& s) { return s.N <= kAdvStepSampleMax; }
+
 // Number of floats of the partial-sum workspace of noise_inject_backward (coef_grads) and
 // adv_step: 3 per (sample, block).
 inline int64_t partials_floats(int64_t B, int64_t nblk) { return B * nblk * 3; }
@@ -123,7 +129,7 @@ struct AdvStepParams {
   float* grad_norm = nullptr;               // (B,) float32
   float* delta_norm = nullptr;              // (B,) float32
   bool* skipped = nullptr;                  // (B,) bool
-  float* partials = nullptr;                // partials_floats(B, nblk) floats
+  float* partials = nullptr;                // partials_floats(B, nblk) floats, unless one block per sample
 };
 
 // Each launcher enqueues its kernels on `stream` and returns cudaGetLastError() (cudaSuccess when
