@@ -1,9 +1,15 @@
 """Shared test set-up: which (device, backend) pairs run, and the oracle comparison.
 
 Without a GPU the Triton kernels run on CPU tensors under the interpreter, which must be
-switched on before triton is imported: hence here, at collection time.
+switched on before triton is imported: hence here, at collection time. The CUDA kernels run
+on CPU tensors too, through the emulation of tests/cuda_emu (the pair ("cpu", "cuda")): the
+same sources and bindings, built with the host compiler against emulated threads, barriers and
+shuffles.
 """
+import contextlib
+import functools
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -16,12 +22,40 @@ from adv_dpm.ops import backend  # noqa: E402
 # Backends that `make test` builds and installs: missing ones fail there instead of skipping.
 REQUIRED = {b for b in os.environ.get("ADV_DPM_REQUIRE_BACKENDS", "").split(",") if b}
 
-PAIRS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
+EMULATED_CUDA = ("cpu", "cuda")
+PAIRS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"), EMULATED_CUDA,
          ("cuda", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
 
 
 def pair_id(pair):
-    return f"{pair[0]}-{pair[1]}"
+    return "cpu-cuda_emulated" if pair == EMULATED_CUDA else f"{pair[0]}-{pair[1]}"
+
+
+@functools.cache
+def emulated_cuda_module():
+    from cuda_emu import build
+    return build.load()
+
+
+@contextlib.contextmanager
+def emulated_cuda():
+    """Backend 'cuda' on CPU tensors: the CUDA bindings and kernels under the CPU emulation."""
+    module = emulated_cuda_module()
+    unavailable, implementation = backend.unavailable, backend.implementation
+
+    def emulated_unavailable(name, device_type, op="noise_inject"):
+        return None if (name, device_type) == EMULATED_CUDA[::-1] else unavailable(name, device_type, op)
+
+    def emulated_implementation(name, family, op):
+        return getattr(module, op) if name == "cuda" else implementation(name, family, op)
+
+    backend._select.cache_clear()
+    try:
+        with mock.patch.object(backend, "unavailable", emulated_unavailable), \
+                mock.patch.object(backend, "implementation", emulated_implementation):
+            yield
+    finally:
+        backend._select.cache_clear()
 
 
 def _pair_params(pairs):
@@ -33,6 +67,11 @@ def require_pair(pair, op="noise_inject"):
     device, name = pair
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if pair == EMULATED_CUDA:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is here: the CUDA kernels run on it (pairs cuda-*)")
+        emulated_cuda_module()  # a build error fails the test
+        return pair
     why = backend.unavailable(name, device, op)
     if why:
         if name in REQUIRED:
@@ -41,9 +80,11 @@ def require_pair(pair, op="noise_inject"):
     return pair
 
 
+@contextlib.contextmanager
 def use_pair(pair):
     """A context that forces the pair's backend."""
-    return backend.use_backend(pair[1])
+    with emulated_cuda() if pair == EMULATED_CUDA else contextlib.nullcontext(), backend.use_backend(pair[1]):
+        yield
 
 
 @pytest.fixture(params=_pair_params(PAIRS))

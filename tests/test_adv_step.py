@@ -18,11 +18,10 @@ CASES = [
     ((1, 3, 5, 7), "contiguous", "contiguous", "shifted", 0.0),
     ((5, 1, 1, 1), "contiguous", "contiguous", "centred", 0.5),
     ((16, 2), "contiguous", "contiguous", "shifted", 0.5),
-    # Samples above the Triton and CUDA kernels' one-program-per-sample size (16384 elements),
+    # A sample above the Triton and CUDA kernels' one-program-per-sample size (16384 elements),
     # and one that the per-sample kernels walk in more than one block.
     ((2, 3, 96, 80), "contiguous", "contiguous", "centred", 0.5),
-    ((2, 6, 48, 64), "channels_last", "channels_last", "shifted", 2.0),
-    ((2, 3, 64, 64), "channels_last", "channels_last", "centred", 0.5),
+    ((2, 3, 64, 64), "channels_last", "channels_last", "shifted", 2.0),
 ]
 
 
@@ -149,7 +148,7 @@ def test_opcheck(pair):
                               (x_t, eps, c_noise, delta, grad, lr, radius, "original", None, 1.0))
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 32, 32), (2, 6, 48, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(3, 8, 32, 32), (1, 3, 96, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_is_deterministic(pair, shape):
     delta, grad, x_t, eps, c_noise, lr, radius = make_state((shape, "contiguous", "contiguous", "shifted", 0.5),
                                                             torch.float32, pair[0])

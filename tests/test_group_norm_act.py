@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
-from conftest import ATOL, assert_within_budget, is_interpreted, require_pair, use_pair
+from conftest import ATOL, PAIRS, _pair_params, assert_within_budget, is_interpreted, require_pair, use_pair
 
 OP = "group_norm_act"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -25,9 +25,7 @@ def case_id(case):
     return f"{'x'.join(map(str, shape))}-g{g}-{layout}-{kind}-{params or 'noparams'}-{act}"
 
 
-@pytest.fixture(params=[pytest.param(p, id=f"{p[0]}-{p[1]}", marks=[pytest.mark.cuda] if p[0] == "cuda" else [])
-                        for p in [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"), ("cuda", "reference"),
-                                  ("cuda", "cuda"), ("cuda", "triton")]])
+@pytest.fixture(params=_pair_params(PAIRS))
 def pair(request):
     return require_pair(request.param, OP)
 

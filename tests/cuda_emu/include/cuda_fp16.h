@@ -1,0 +1,3 @@
+// Emulation stand-in (tests/cuda_emu/emu.h).
+#pragma once
+#include "../emu.h"
