@@ -17,6 +17,10 @@ CASES = [
     ((5, 12), 4, "contiguous", "centred", "wbss", None),
     ((2, 16, 6), 4, "contiguous", "shifted", "", "silu"),
     ((2, 256, 8, 8), 1, "channels_last", "mean100", "wbss", "silu"),
+    # Few, large groups: the CUDA kernels split each group over several blocks (vector and
+    # scalar tiles), Triton runs its SPLIT plan on the second.
+    ((2, 32, 32, 32), 8, "contiguous", "shifted", "wbss", "silu"),
+    ((1, 16, 33, 70), 2, "contiguous", "centred", "wbss", "silu"),
 ]
 
 
@@ -66,6 +70,10 @@ def skip_unsupported(pair, dtype):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_matches_oracle(pair, dtype, case):
     skip_unsupported(pair, dtype)
+    check_forward(pair, dtype, case)
+
+
+def check_forward(pair, dtype, case):
     args = make_args(case, dtype, pair[0])
     with use_pair(pair):
         y, mean, rstd = torch.ops.adv_dpm.group_norm_act(*args)
@@ -100,6 +108,24 @@ def test_backward_matches_autograd_of_oracle(pair, dtype, case):
     skip_unsupported(pair, dtype)
     if is_interpreted(pair) and dtype != torch.float32 and case is not CASES[1]:
         pytest.skip("the interpreter is slow: low precision is covered by one case")
+    check_backward(pair, dtype, case)
+
+
+@pytest.mark.parametrize("plan, i64", [("looped", False), ("split", False), ("one", True)])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=case_id)
+def test_triton_plans_match_oracle(pair, plan, i64, case, monkeypatch):
+    """The Triton plans and 64-bit offsets that the CASES do not reach on their own (LOOPED takes
+    N * G >= 528 groups, 64-bit offsets a sample of 2**31 elements), forced on small cases."""
+    if pair[1] != "triton":
+        pytest.skip("Triton's plans")
+    kernels = pytest.importorskip("adv_dpm.kernels.group_norm_act")
+    monkeypatch.setattr(kernels, "FORCE_PLAN", plan)
+    monkeypatch.setattr(kernels, "FORCE_I64", i64)
+    check_forward(pair, torch.float32, case)
+    check_backward(pair, torch.float32, case)
+
+
+def check_backward(pair, dtype, case):
     args = make_args(case, dtype, pair[0])
     g = torch.Generator().manual_seed(1)
     grad_y = torch.randn(case[0], generator=g).to(pair[0], dtype)
