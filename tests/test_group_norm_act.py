@@ -13,6 +13,7 @@ CASES = [
     ((4, 32, 8, 8), 8, "channels_last", "centred", "wbss", "silu"),
     ((3, 96, 5, 7), 32, "channels_last", "shifted", "wb", "silu"),
     ((2, 30, 4, 4), 5, "contiguous", "mean100", "ss", None),
+    ((2, 30, 4, 4), 5, "channels_last", "shifted", "wbss", "silu"),  # channels not a whole vector
     ((1, 64, 1, 1), 16, "contiguous", "shifted", "wbss", "silu"),
     ((5, 12), 4, "contiguous", "centred", "wbss", None),
     ((2, 16, 6), 4, "contiguous", "shifted", "", "silu"),
