@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .ops.group_norm_act import group_norm_act
+from .ops.group_norm_act import ACTS, group_norm_act
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -20,8 +20,8 @@ class GroupNormAct(nn.GroupNorm):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, act="silu", device=None, dtype=None):
-        if act not in ("silu", None):
-            raise ValueError(f"GroupNormAct: act must be 'silu' or None, got {act!r}")
+        if act not in ACTS:  # at construction: a bad module fails where it is built
+            raise ValueError(f"GroupNormAct: act must be one of {ACTS}, got {act!r}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.act = act
 

@@ -119,6 +119,11 @@ def test_group_norm_act_is_a_drop_in_for_group_norm_then_silu():
     assert "act='silu'" in repr(fused)
 
 
+def test_group_norm_act_with_an_unknown_activation_fails_where_it_is_built():
+    with pytest.raises(ValueError, match=r"GroupNormAct: act must be one of \('silu', None\), got 'relu'"):
+        GroupNormAct(4, 12, act="relu")
+
+
 def test_half_precision_activations_with_fp32_parameters_like_adm():
     norm = GroupNormAct(4, 12)
     x = torch.randn(2, 12, 4, 4, dtype=torch.bfloat16)
