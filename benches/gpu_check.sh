@@ -14,7 +14,7 @@ OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN <<<"${GPU_CHECK_LIMITS:-100 60 100 130 60}"
+read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN <<<"${GPU_CHECK_LIMITS:-100 90 100 120 50}"
 status=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
