@@ -4,7 +4,7 @@
 # run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
 # gpu_check.log (every step's output, then a summary), the benchmarks'
 # <name>-<device>-<date>.{md,json} and targets.md. (Few files: a device call returns at most 8.)
-# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train"), about 7.5
+# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train"), about 7.7
 # minutes in all; a benchmark stopped at its limit keeps the rows it measured, and each measures
 # the rows of the issues' targets first.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
