@@ -49,6 +49,18 @@ def _grad(grad_ptr, gt_ptr, o_g, o_gt, m, c_n, HAS_GT: tl.constexpr):
 
 
 @triton.jit
+def _apply_inputs(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, o_d, o_g, o_gt, o_xt, o_e, m, c_n,
+                  HAS_GT: tl.constexpr, HAS_XT: tl.constexpr):
+    """(delta, g, x_t, eps) of the apply pass in fp32 (x_t, eps: delta when not HAS_XT, unused)."""
+    d = load32(delta_ptr, o_d, m)
+    g = _grad(grad_ptr, gt_ptr, o_g, o_gt, m, c_n, HAS_GT)
+    if HAS_XT:
+        return d, g, load32(xt_ptr, o_xt, m), load32(eps_ptr, o_e, m)
+    else:
+        return d, g, d, d
+
+
+@triton.jit
 def _step_scalars(gg, dg, dd, lr, radius, grad_scale):
     """(ok, grad_norm, step, scale, delta_norm) of one sample from its statistics (docs/OPS.md)."""
     lr = tl.cast(lr, tl.float32)
@@ -113,14 +125,8 @@ def _adv_sample_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr,
         i = start + tl.arange(0, BLOCK)
         m = i < N
         o = base + i
-        d = load32(delta_ptr, o, m)
-        g = _grad(grad_ptr, gt_ptr, o, o, m, c_n, HAS_GT)
-        if HAS_XT:
-            x_t = load32(xt_ptr, o, m)
-            e = load32(eps_ptr, o, m)
-        else:
-            x_t = d
-            e = d
+        d, g, x_t, e = _apply_inputs(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, o, o, o, o, o, m, c_n,
+                                     HAS_GT, HAS_XT)
         _write(nd_ptr, xadv_ptr, tgt_ptr, o, o, o, m, d, g, x_t, e, c_n, ok, step, scale, HAS_XT, DELTA_TARGET)
     _store_norms(gnorm_ptr, dnorm_ptr, skip_ptr, b, ok, grad_norm, delta_norm)
 
@@ -184,14 +190,8 @@ def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part
         o_xa = offset(b, i1, i2, i3, xa_s0, xa_s1, xa_s2, xa_s3)
         o_tg = offset(b, i1, i2, i3, tg_s0, tg_s1, tg_s2, tg_s3)
     c_n = _c_noise(cn_ptr, b, HAS_GT or DELTA_TARGET)
-    d = load32(delta_ptr, o_d, m)
-    g = _grad(grad_ptr, gt_ptr, o_g, o_gt, m, c_n, HAS_GT)
-    if HAS_XT:
-        x_t = load32(xt_ptr, o_xt, m)
-        e = load32(eps_ptr, o_e, m)
-    else:
-        x_t = d
-        e = d
+    d, g, x_t, e = _apply_inputs(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, o_d, o_g, o_gt, o_xt, o_e, m, c_n,
+                                 HAS_GT, HAS_XT)
 
     # This sample's statistics: its NB partials, CHUNK at a time, then one tree sum (fixed order).
     acc_gg = tl.zeros((CHUNK,), dtype=tl.float32)

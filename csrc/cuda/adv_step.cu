@@ -164,13 +164,7 @@ __global__ void __launch_bounds__(kThreads) adv_step_stats_kernel(const AdvStepP
     const float cn = step_coef(p, b);
     float acc[3] = {0.f, 0.f, 0.f};  // gg, dg, dd
     for_sample<V, kStrided>(p.shape, b, [&](const Coord& c) { accumulate_unit<T, V, kStrided>(p, c, cn, acc); });
-    block_sum<3>(acc, smem);
-    if (threadIdx.x == 0) {
-      float* out = p.partials + (b * p.nblk + blockIdx.x) * 3;
-      out[0] = acc[0];
-      out[1] = acc[1];
-      out[2] = acc[2];
-    }
+    store_block_partials(acc, smem, p.partials, b, p.nblk);
   }
 }
 

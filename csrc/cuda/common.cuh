@@ -249,6 +249,19 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
   __syncthreads();
 }
 
+// Block-sums the 3 per-thread values and stores them as partial (b, blockIdx.x) of the
+// [(b * nblk + block) * 3 + k] layout that warp_sum_partials reads.
+__device__ __forceinline__ void store_block_partials(float (&acc)[3], float* smem, float* partials, int64_t b,
+                                                     int64_t nblk) {
+  block_sum<3>(acc, smem);
+  if (threadIdx.x == 0) {
+    float* out = partials + (b * nblk + blockIdx.x) * 3;
+    out[0] = acc[0];
+    out[1] = acc[1];
+    out[2] = acc[2];
+  }
+}
+
 // Deterministic warp sum of the 3-float partials [(b * nblk + j) * 3 + k], j < nblk, of one
 // sample: lane l sums j = l, l + 32, ... in order, then a fixed shuffle tree. Result in all lanes.
 __device__ __forceinline__ void warp_sum_partials(const float* partials, int64_t b, int64_t nblk, float (&s)[3]) {

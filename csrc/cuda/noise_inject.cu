@@ -85,15 +85,7 @@ __global__ void __launch_bounds__(kThreads) noise_inject_backward_kernel(const N
         }
       }
     });
-    if (coef) {  // uniform across the block
-      block_sum<3>(acc, smem);
-      if (threadIdx.x == 0) {
-        float* out = p.partials + (b * p.nblk + blockIdx.x) * 3;
-        out[0] = acc[0];
-        out[1] = acc[1];
-        out[2] = acc[2];
-      }
-    }
+    if (coef) store_block_partials(acc, smem, p.partials, b, p.nblk);  // coef: uniform across the block
   }
 }
 
