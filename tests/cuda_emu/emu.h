@@ -3,8 +3,8 @@
 //
 // The threads of a block are coroutines (ucontext) on one OS thread, switched round-robin at
 // every barrier: __syncthreads, and each warp shuffle (which exchanges values through a
-// per-warp buffer between two warp barriers). Blocks run one after another, so __shared__
-// becomes a function-local static. A block whose threads all wait at barriers that can never
+// per-warp buffer between two warp barriers). Blocks run one after another, in a shuffled
+// order, so __shared__ becomes a function-local static. A block whose threads all wait at barriers that can never
 // complete (a divergent __syncthreads or shuffle) is a deadlock: the launch fails with
 // cudaErrorLaunchFailure instead of hanging.
 //
@@ -201,12 +201,17 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, const F& b
   s.kernel = &body;
   s.call = &thunk<F>;
   s.deadlock = false;
-  for (unsigned z = 0; z < grid.z && !s.deadlock; ++z)
-    for (unsigned y = 0; y < grid.y && !s.deadlock; ++y)
-      for (unsigned x = 0; x < grid.x && !s.deadlock; ++x) {
-        s.block_idx = uint3{x, y, z};
-        run_block();
-      }
+  // Blocks in a shuffled order: a kernel must not rely on the order in which blocks run.
+  std::vector<uint3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  std::shuffle(blocks.begin(), blocks.end(), s.rng);
+  for (const uint3& b : blocks) {
+    if (s.deadlock) break;
+    s.block_idx = b;
+    run_block();
+  }
   if (s.deadlock) s.last_error = cudaErrorLaunchFailure;
 }
 
