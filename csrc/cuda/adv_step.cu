@@ -132,7 +132,7 @@ __device__ __forceinline__ float step_coef(const AdvStepParams& p, int64_t b) {
 
 template <typename T, int V, bool kStrided>
 __global__ void __launch_bounds__(kSampleThreads, 1) adv_step_sample_kernel(const AdvStepParams p) {
-  __shared__ float smem[3 * (kSampleThreads / 32)];
+  __shared__ float red[3][kSampleThreads / 32];
   const int64_t count = unit_count<V, kStrided>(p.shape);
   for (int64_t b = blockIdx.x; b < p.shape.B; b += gridDim.x) {
     const float cn = step_coef(p, b);
@@ -141,15 +141,10 @@ __global__ void __launch_bounds__(kSampleThreads, 1) adv_step_sample_kernel(cons
     for (int64_t i = threadIdx.x; i < count; i += kSampleThreads) {
       accumulate_unit<T, V, kStrided>(p, make_coord<V, kStrided>(p.shape, b, i), cn, acc);
     }
-    block_sum<3, kSampleThreads>(acc, smem);
-    if (threadIdx.x == 0) {
-      smem[0] = acc[0];
-      smem[1] = acc[1];
-      smem[2] = acc[2];
-    }
-    __syncthreads();
-    const StepScalars sc = step_scalars(p, b, smem[0], smem[1], smem[2], threadIdx.x == 0);
-    __syncthreads();  // smem is reused by the next sample
+    const float gg = block_allsum(acc[0], red[0]), dg = block_allsum(acc[1], red[1]);
+    const float dd = block_allsum(acc[2], red[2]);
+    const StepScalars sc = step_scalars(p, b, gg, dg, dd, threadIdx.x == 0);
+    __syncthreads();  // red is reused by the next sample
 #pragma unroll 2
     for (int64_t i = threadIdx.x; i < count; i += kSampleThreads) {
       apply_unit<T, V, kStrided>(p, load_apply_unit<T, V, kStrided>(p, b, i), sc, cn);

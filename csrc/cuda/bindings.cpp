@@ -401,6 +401,19 @@ CoefView gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const
   return coef_view(keep, keep);
 }
 
+// The four small inputs of a call (weight, bias: (C,); scale, shift: (N, C)) into p's views (see
+// gn_small); keep[i] must outlive the launch.
+template <typename Params>
+void gn_set_small(Params& p, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& x,
+                  const char* op, at::Tensor (&keep)[4]) {
+  const int64_t N = x.size(0), C = x.size(1);
+  p.weight = gn_small(weight, x, {C}, op, "weight", keep[0]);
+  p.bias = gn_small(bias, x, {C}, op, "bias", keep[1]);
+  p.scale = gn_small(scale, x, {N, C}, op, "scale", keep[2]);
+  p.shift = gn_small(shift, x, {N, C}, op, "shift", keep[3]);
+}
+
 void gn_check_args(const at::Tensor& x, int64_t num_groups, int64_t act, const char* op) {
   TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op, ": x must have shape (N, C, *spatial) with 0 to 2 spatial dims, got ",
               x.sizes());
@@ -425,11 +438,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
   const at::Tensor xw = gn_collapsible(x) ? x : x.contiguous();
   at::Tensor y = at::empty_like(x);
   at::Tensor yw = gn_collapsible(y) ? y : at::empty_like(xw);
-  at::Tensor keep[4];
-  const CoefView w = gn_small(weight, x, {C}, op, "weight", keep[0]);
-  const CoefView b = gn_small(bias, x, {C}, op, "bias", keep[1]);
-  const CoefView sc = gn_small(scale, x, {N, C}, op, "scale", keep[2]);
-  const CoefView sh = gn_small(shift, x, {N, C}, op, "shift", keep[3]);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({N, num_groups}, f32);
   at::Tensor rstd = at::empty({N, num_groups}, f32);
@@ -444,10 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
   p.act = static_cast<int32_t>(act);
   p.x = gn_view(xw);
   p.y = gn_view(yw);
-  p.weight = w;
-  p.bias = b;
-  p.scale = sc;
-  p.shift = sh;
+  at::Tensor keep[4];
+  gn_set_small(p, weight, bias, scale, shift, x, op, keep);
   p.mean = mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
   const int64_t ws_floats = adv_dpm_cuda::group_norm_act_workspace_floats(p);
@@ -491,11 +497,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   at::Tensor gxw = gn_collapsible(grad_x) ? grad_x : at::empty_like(xw);
   const at::Tensor mean32 = mean.to(at::kFloat).contiguous();
   const at::Tensor rstd32 = rstd.to(at::kFloat).contiguous();
-  at::Tensor keep[4];
-  const CoefView w = gn_small(weight, x, {C}, op, "weight", keep[0]);
-  const CoefView b = gn_small(bias, x, {C}, op, "bias", keep[1]);
-  const CoefView sc = gn_small(scale, x, {N, C}, op, "scale", keep[2]);
-  const CoefView sh = gn_small(shift, x, {N, C}, op, "shift", keep[3]);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
 
   adv_dpm_cuda::GroupNormActBackwardParams p;
@@ -510,10 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   p.grad_x = gn_view(gxw);
   p.mean = mean32.data_ptr<float>();
   p.rstd = rstd32.data_ptr<float>();
-  p.weight = w;
-  p.bias = b;
-  p.scale = sc;
-  p.shift = sh;
+  at::Tensor keep[4];
+  gn_set_small(p, weight, bias, scale, shift, x, op, keep);
   // Parameter gradients in each parameter's dtype (an empty tensor where it was not given).
   at::Tensor grads[4], buffers[4];
   const std::optional<at::Tensor>* params[4] = {&weight, &bias, &scale, &shift};

@@ -220,12 +220,12 @@ __device__ __forceinline__ void for_sample(const Shape& s, int64_t b, F&& f) {
   for (int64_t i = unit_start(); i < count; i += step) f(make_coord<V, kStrided>(s, b, i));
 }
 
-// Deterministic block sum of NV values per thread over a block of kBlock threads: warp
-// shuffles, then thread 0 sums the warp totals in order. The result is valid in thread 0.
-// `smem` holds NV * (kBlock / 32) floats. Ends with the block synchronized so `smem` may be reused.
-template <int NV, int kBlock = kThreads>
+// Deterministic block sum of NV values per thread: warp shuffles, then warp 0 sums the warp
+// totals in order. The result is valid in thread 0. `smem` holds NV * (kThreads / 32) floats.
+// Ends with the block synchronized so `smem` may be reused.
+template <int NV>
 __device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
-  constexpr int kWarps = kBlock / 32;
+  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -247,6 +247,26 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
     }
   }
   __syncthreads();
+}
+
+// Butterfly sum: every lane ends with the same (bit-identical) value.
+__device__ __forceinline__ float warp_allsum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block sum over blockDim.x (a multiple of 32) threads, result in every
+// thread (each adds the warp totals in warp order). `smem` holds blockDim.x / 32 floats and must
+// not be written again before every thread has passed a later __syncthreads().
+__device__ __forceinline__ float block_allsum(float v, float* smem) {
+  v = warp_allsum(v);
+  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const int nw = blockDim.x >> 5;
+  float t = smem[0];
+  for (int w = 1; w < nw; ++w) t += smem[w];
+  return t;
 }
 
 // Block-sums the 3 per-thread values and stores them as partial (b, blockIdx.x) of the

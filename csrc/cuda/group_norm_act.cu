@@ -160,26 +160,6 @@ __device__ __forceinline__ Stat warp_combine(Stat s) {
   return s;
 }
 
-// Butterfly sum: every lane ends with the same (bit-identical) value.
-__device__ __forceinline__ float warp_allsum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Block sum over blockDim.x (a multiple of 32, <= kTileMaxThreads) threads, result in every
-// thread (each adds the warp totals in warp order). `smem` holds blockDim.x / 32 floats and must
-// not be written again before every thread has passed a later __syncthreads().
-__device__ __forceinline__ float block_allsum(float v, float* smem) {
-  v = warp_allsum(v);
-  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
-  __syncthreads();
-  const int nw = blockDim.x >> 5;
-  float t = smem[0];
-  for (int w = 1; w < nw; ++w) t += smem[w];
-  return t;
-}
-
 // Per-channel affine map of xhat: z = xhat * wk + bks, wk = w (1 + scale), bks = b (1 + scale) + shift.
 struct ChanCoef {
   float w, b, wk, bks;
