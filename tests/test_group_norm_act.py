@@ -22,6 +22,8 @@ CASES = [
     # scalar tiles), Triton runs its SPLIT plan on the second.
     ((2, 32, 32, 32), 8, "contiguous", "shifted", "wbss", "silu"),
     ((1, 16, 33, 70), 2, "contiguous", "centred", "wbss", "silu"),
+    # More channels per group than one CUDA tile takes (512): the group is split over channels.
+    ((2, 640, 2, 2), 1, "contiguous", "shifted", "wbss", "silu"),
 ]
 
 

@@ -132,7 +132,7 @@ __device__ __forceinline__ float step_coef(const AdvStepParams& p, int64_t b) {
 
 template <typename T, int V, bool kStrided>
 __global__ void __launch_bounds__(kSampleThreads, 1) adv_step_sample_kernel(const AdvStepParams p) {
-  __shared__ float red[3][kSampleThreads / 32];
+  __shared__ float red[3][32];
   const int64_t count = unit_count<V, kStrided>(p.shape);
   for (int64_t b = blockIdx.x; b < p.shape.B; b += gridDim.x) {
     const float cn = step_coef(p, b);
@@ -141,9 +141,8 @@ __global__ void __launch_bounds__(kSampleThreads, 1) adv_step_sample_kernel(cons
     for (int64_t i = threadIdx.x; i < count; i += kSampleThreads) {
       accumulate_unit<T, V, kStrided>(p, make_coord<V, kStrided>(p.shape, b, i), cn, acc);
     }
-    const float gg = block_allsum(acc[0], red[0]), dg = block_allsum(acc[1], red[1]);
-    const float dd = block_allsum(acc[2], red[2]);
-    const StepScalars sc = step_scalars(p, b, gg, dg, dd, threadIdx.x == 0);
+    block_allsum(acc, red);
+    const StepScalars sc = step_scalars(p, b, acc[0], acc[1], acc[2], threadIdx.x == 0);
     __syncthreads();  // red is reused by the next sample
 #pragma unroll 2
     for (int64_t i = threadIdx.x; i < count; i += kSampleThreads) {

@@ -256,17 +256,23 @@ __device__ __forceinline__ float warp_allsum(float v) {
   return v;
 }
 
-// Block sum over blockDim.x (a multiple of 32) threads, result in every
-// thread (each adds the warp totals in warp order). `smem` holds blockDim.x / 32 floats and must
-// not be written again before every thread has passed a later __syncthreads().
-__device__ __forceinline__ float block_allsum(float v, float* smem) {
-  v = warp_allsum(v);
-  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
+// Block sums of NV values over blockDim.x (a multiple of 32, at most 1024) threads, the results in
+// every thread: warp totals through shared memory, then every warp adds them with the same fixed
+// butterfly (bit-identical everywhere). One barrier for all NV sums. `smem` holds NV x 32 floats
+// and must not be written again before every thread has passed a later __syncthreads().
+template <int NV>
+__device__ __forceinline__ void block_allsum(float (&v)[NV], float (*smem)[32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) v[k] = warp_allsum(v[k]);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) smem[k][warp] = v[k];
+  }
   __syncthreads();
-  const int nw = blockDim.x >> 5;
-  float t = smem[0];
-  for (int w = 1; w < nw; ++w) t += smem[w];
-  return t;
+  const bool has = lane < static_cast<int>(blockDim.x >> 5);
+#pragma unroll
+  for (int k = 0; k < NV; ++k) v[k] = warp_allsum(has ? smem[k][lane] : 0.f);
 }
 
 // Block-sums the 3 per-thread values and stores them as partial (b, blockIdx.x) of the

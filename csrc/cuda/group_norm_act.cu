@@ -21,8 +21,10 @@
 //   tile/scalar  anything else (any strides): the tile kernels with one element per access.
 //
 // Tile kernels: a tile is (n, g, channel chunk, hw chunk): a rectangle of at most 4096 vectors
-// (Dt channels x Lc hw vectors), one block of bt <= 512 threads, each thread holding R <= 8
+// (Dt <= 512 channels x Lc hw vectors), one block of bt <= 512 threads, each thread holding R <= 8
 // vectors in registers (vector j of the tile: thread j % bt, register j / bt; channel j / Lc).
+// The tile's channel coefficients (w, b, w (1 + scale), ...) go to shared memory once per tile,
+// loaded beside the tile's data.
 //   fused (the group is one tile and N * G * bt >= kFusedMinThreads, or it cannot be split
 //     further): one kernel reads x (and grad_y) once: statistics, then the output from the
 //     registers (DRAM traffic of a copy: read once, write once).
@@ -38,6 +40,8 @@
 //
 // Divisions are __fdividef (2 ulp, no slow-path subroutine: same code with or without
 // --use_fast_math); rsqrtf and __expf are the hardware approximations.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace adv_dpm_cuda {
@@ -50,6 +54,7 @@ constexpr int kTileMaxR = 8;   // vectors per thread of the large vector tiles
 constexpr int kSmallR = 2;     // of the vector tiles up to 256 * kSmallR vectors
 constexpr int kScalarR = 4;    // of the scalar tiles (elements)
 constexpr int64_t kTileMaxVecs = static_cast<int64_t>(kTileMaxThreads) * kTileMaxR;  // 4096
+constexpr int64_t kTileMaxChannels = 512;  // per tile: its coefficient table is 8 KiB of shared memory
 constexpr int kNhwcThreads = 256;
 // Every __launch_bounds__ names its minimum blocks per SM: with the thread count alone, ptxas
 // (CUDA 13) picks its own lower register target and may spill.
@@ -160,8 +165,9 @@ __device__ __forceinline__ Stat warp_combine(Stat s) {
   return s;
 }
 
-// Per-channel affine map of xhat: z = xhat * wk + bks, wk = w (1 + scale), bks = b (1 + scale) + shift.
-struct ChanCoef {
+// Per-channel affine map of xhat: z = xhat * wk + bks, wk = w (1 + scale), bks = b (1 + scale) + shift
+// (16 bytes: one shared-memory access in the tile kernels' coefficient table).
+struct alignas(16) ChanCoef {
   float w, b, wk, bks;
 };
 
@@ -180,10 +186,6 @@ __device__ __forceinline__ ChanCoef chan_coef(const CoefView& weight, const Coef
   r.wk = r.w * k;
   r.bks = fmaf(r.b, k, s);
   return r;
-}
-
-__device__ __forceinline__ int64_t elem_offset(const GNTensor& t, int64_t n, int64_t c, int64_t hw) {
-  return n * t.sN + c * t.sC + hw * t.sHW;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,13 +232,47 @@ __device__ __forceinline__ TileCoord tile_coord(int64_t tile, const TileGeom& tg
   return t;
 }
 
-// Channel (absolute) and hw element index of vector j of the tile.
+// Vector j of a tile is (l, r) = (j / Lc, j % Lc): hw vector r of the tile's channel l. A thread
+// walks its vectors j, j + stride, j + 2 stride, ... with `next`, without a division per vector
+// (stride = dl * Lc + dr); the vector exists while l < Dt.
+struct TileCursor {
+  uint32_t l, r, dl, dr;
+};
+
+__device__ __forceinline__ TileCursor tile_cursor(const TileCoord& t, uint32_t j, uint32_t stride) {
+  TileCursor q;
+  q.l = j / t.Lc;
+  q.r = j - q.l * t.Lc;
+  q.dl = stride / t.Lc;
+  q.dr = stride - q.dl * t.Lc;
+  return q;
+}
+
+__device__ __forceinline__ void next(TileCursor& q, const TileCoord& t) {
+  q.l += q.dl;
+  q.r += q.dr;
+  if (q.r >= t.Lc) {
+    q.r -= t.Lc;
+    ++q.l;
+  }
+}
+
+// Element offset in ts of vector (l, r) of tile t (on the vector path sHW == 1).
 template <int V>
-__device__ __forceinline__ void tile_pos(const TileCoord& t, uint32_t j, uint32_t* cl, int64_t* c, int64_t* hw) {
-  const uint32_t l = j / t.Lc;
-  *cl = l;
-  *c = t.c0 + l;
-  *hw = (t.h0 + static_cast<int64_t>(j - l * t.Lc)) * V;
+__device__ __forceinline__ int64_t tile_offset(const GNTensor& ts, const TileCoord& t, const TileCursor& q) {
+  const int64_t hw = (t.h0 + q.r) * V;
+  return t.n * ts.sN + (t.c0 + q.l) * ts.sC + (V > 1 ? hw : hw * ts.sHW);
+}
+
+// The tile's channel coefficients -> table[l], l < Dt (shared memory): loaded once per tile and
+// while the tile's own loads are in flight, so that their latency overlaps those. Readable after
+// the next __syncthreads().
+template <typename Params>
+__device__ __forceinline__ void load_tile_coefs(ChanCoef* table, const Params& p, const TileCoord& t, int64_t C) {
+  for (uint32_t l = threadIdx.x; l < t.Dt; l += blockDim.x) {
+    const int64_t c = t.c0 + l;
+    table[l] = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n * C + c, c);
+  }
 }
 
 // Workspace pointers and the chunk count of the partials (per (n, g) forward, per (n, c) backward).
@@ -251,43 +287,44 @@ struct Work {
 // Forward, tile kernels.
 //   kFused:    tile == group: statistics, mean/rstd out, y from the registers.
 //   kPartials: (count, mean, m2) of the tile -> partials[tile * 3].
+// Dynamic shared memory (kFused): the coefficient table, Dc ChanCoef.
 template <typename T, int V, int R, int kMode>
 __global__ void __launch_bounds__(kTileMaxThreads, 1)
     gn_fwd_tile_kernel(const GroupNormActParams p, const TileGeom tg, const Work w) {
-  __shared__ float red[3][kTileMaxThreads / 32];  // one per block_allsum between two barriers
+  extern __shared__ ChanCoef gn_coef[];
+  __shared__ float red[3][32];  // [0]: sum x; [1], [2]: sum d, sum d^2
   const uint32_t bt = blockDim.x;
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
+    const TileCursor q0 = tile_cursor(t, threadIdx.x, bt);
     Raw<T, V> raw[R];
+    TileCursor q = q0;
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const uint32_t j = threadIdx.x + k * bt;
-      if (j < t.tv) {
-        uint32_t cl;
-        int64_t c, hw;
-        tile_pos<V>(t, j, &cl, &c, &hw);
-        raw[k] = load_raw<T, V>(p.x.data, elem_offset(p.x, t.n, c, hw));
+    for (int k = 0; k < R; ++k, next(q, t)) {
+      if (q.l < t.Dt) {
+        raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
       } else {
         raw[k] = Raw<T, V>{};
       }
     }
+    if constexpr (kMode == kFused) load_tile_coefs(gn_coef, p, t, tg.C);
     // Corrected two-pass statistics of the tile from the registers: mean0 = sum x / n, then
     // d = x - mean0: mean = mean0 + sum d / n, m2 = sum d^2 - (sum d)^2 / n.
-    float s = 0.f;
+    float s[1] = {0.f};
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (threadIdx.x + k * bt < t.tv) {
         float v[V];
         unpack<T, V>(raw[k], v);
 #pragma unroll
-        for (int e = 0; e < V; ++e) s += v[e];
+        for (int e = 0; e < V; ++e) s[0] += v[e];
       }
     }
-    s = block_allsum(s, red[0]);
+    block_allsum(s, red);
     const float cnt = static_cast<float>(t.tv) * V;
-    const float mean0 = __fdividef(s, cnt);
-    float sd = 0.f, m2 = 0.f;
+    const float mean0 = __fdividef(s[0], cnt);
+    float dev[2] = {0.f, 0.f};  // sum d, sum d^2
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (threadIdx.x + k * bt < t.tv) {
@@ -296,16 +333,15 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           const float d = v[e] - mean0;
-          sd += d;
-          m2 = fmaf(d, d, m2);
+          dev[0] += d;
+          dev[1] = fmaf(d, d, dev[1]);
         }
       }
     }
-    sd = block_allsum(sd, red[1]);
-    m2 = block_allsum(m2, red[2]);
-    const float corr = __fdividef(sd, cnt);
+    block_allsum(dev, red + 1);
+    const float corr = __fdividef(dev[0], cnt);
     const float mean = mean0 + corr;
-    m2 = fmaxf(fmaf(-sd, corr, m2), 0.f);
+    const float m2 = fmaxf(fmaf(-dev[0], corr, dev[1]), 0.f);
     if constexpr (kMode == kPartials) {
       if (threadIdx.x == 0) {
         float* out = w.partials + tile * 3;
@@ -319,22 +355,20 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
         p.mean[t.n * tg.G + t.g] = mean;
         p.rstd[t.n * tg.G + t.g] = rstd;
       }
+      q = q0;
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const uint32_t j = threadIdx.x + k * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n * tg.C + c, c);
+      for (int k = 0; k < R; ++k, next(q, t)) {
+        if (q.l < t.Dt) {
+          const ChanCoef cf = gn_coef[q.l];
           const float a = rstd * cf.wk;
           float v[V];
           unpack<T, V>(raw[k], v);
 #pragma unroll
           for (int e = 0; e < V; ++e) v[e] = act_fwd(fmaf(v[e] - mean, a, cf.bks), act);
-          store<T, V>(p.y.data, elem_offset(p.y, t.n, c, hw), v);
+          store<T, V>(p.y.data, tile_offset<V>(p.y, t, q), v);
         }
       }
+      __syncthreads();  // gn_coef is rewritten by the next tile
     }
   }
 }
@@ -348,31 +382,25 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
-    for (uint32_t j0 = threadIdx.x; j0 < t.tv; j0 += kApplyUnroll * bt) {
+    const float4* table = reinterpret_cast<const float4*>(w.table) + t.n * tg.C + t.c0;
+    TileCursor q = tile_cursor(t, threadIdx.x, bt);
+    while (q.l < t.Dt) {
+      const TileCursor q0 = q;
       Raw<T, V> raw[kApplyUnroll];
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u) {
-        const uint32_t j = j0 + u * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          raw[u] = load_raw<T, V>(p.x.data, elem_offset(p.x, t.n, c, hw));
-        }
+      for (int u = 0; u < kApplyUnroll; ++u, next(q, t)) {
+        if (q.l < t.Dt) raw[u] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
       }
+      TileCursor qa = q0;
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u) {
-        const uint32_t j = j0 + u * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          const float4 tb = __ldg(reinterpret_cast<const float4*>(w.table) + t.n * tg.C + c);
+      for (int u = 0; u < kApplyUnroll; ++u, next(qa, t)) {
+        if (qa.l < t.Dt) {
+          const float4 tb = __ldg(table + qa.l);
           float v[V];
           unpack<T, V>(raw[u], v);
 #pragma unroll
           for (int e = 0; e < V; ++e) v[e] = act_fwd(fmaf(v[e] - tb.x, tb.y, tb.z), act);
-          store<T, V>(p.y.data, elem_offset(p.y, t.n, c, hw), v);
+          store<T, V>(p.y.data, tile_offset<V>(p.y, t, qa), v);
         }
       }
     }
@@ -416,138 +444,136 @@ __global__ void __launch_bounds__(kFinalizeThreads, 4)
 
 // ---------------------------------------------------------------------------------------------
 // Backward, tile kernels.
+// Writes S and the per-(n, c) parameter gradients of channel c from its sums S1, S2.
+__device__ __forceinline__ void write_channel_grads(const GroupNormActBackwardParams& p, const Work& w, int64_t nc,
+                                                    const ChanCoef& cf, float s1, float s2) {
+  if (w.S != nullptr) {
+    w.S[nc * 2] = s1;
+    w.S[nc * 2 + 1] = s2;
+  }
+  if (p.grad_shift.data != nullptr) store_coef(p.grad_shift, nc, s1);
+  if (p.grad_scale.data != nullptr) store_coef(p.grad_scale, nc, fmaf(cf.w, s2, cf.b * s1));
+}
+
 //   kFused:    tile == group: per-vector (sum gz, sum gz*xhat) -> shared memory, per-channel
 //              fixed-order sums S1, S2 (-> grad_shift, grad_scale, S), group means A, Bg, then
 //              grad_x from the registers.
 //   kPartials: per-channel sums of the tile -> partials[((n * C + c) * nhc + hc) * 2].
-// Dynamic shared memory: 2 * tv_max floats.
+// Dynamic shared memory: the coefficient table (Dc ChanCoef), then 2 * tv_max floats.
 template <typename T, int V, int R, int kMode>
 __global__ void __launch_bounds__(kTileMaxThreads, 1)
     gn_bwd_tile_kernel(const GroupNormActBackwardParams p, const TileGeom tg, const Work w) {
-  extern __shared__ float gn_smem[];
+  extern __shared__ ChanCoef gn_coef[];
   __shared__ float s_ab[2];
-  float* s1v = gn_smem;
-  float* s2v = gn_smem + tg.tv_max;
+  float* s1v = reinterpret_cast<float*>(gn_coef + tg.Dc);
+  float* s2v = s1v + tg.tv_max;
   const uint32_t bt = blockDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
+    const TileCursor q0 = tile_cursor(t, threadIdx.x, bt);
     Raw<T, V> rx[R], rg[R];
+    TileCursor q = q0;
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const uint32_t j = threadIdx.x + k * bt;
-      if (j < t.tv) {
-        uint32_t cl;
-        int64_t c, hw;
-        tile_pos<V>(t, j, &cl, &c, &hw);
-        rx[k] = load_raw<T, V>(p.x.data, elem_offset(p.x, t.n, c, hw));
-        rg[k] = load_raw<T, V>(p.grad_y.data, elem_offset(p.grad_y, t.n, c, hw));
+    for (int k = 0; k < R; ++k, next(q, t)) {
+      if (q.l < t.Dt) {
+        rx[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
+        rg[k] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
       } else {
         rx[k] = Raw<T, V>{};
         rg[k] = Raw<T, V>{};
       }
     }
-    {
-      const float mean = __ldg(p.mean + t.n * tg.G + t.g);
-      const float rstd = __ldg(p.rstd + t.n * tg.G + t.g);
+    load_tile_coefs(gn_coef, p, t, tg.C);
+    const float mean = __ldg(p.mean + t.n * tg.G + t.g);
+    const float rstd = __ldg(p.rstd + t.n * tg.G + t.g);
+    __syncthreads();  // gn_coef
+    q = q0;
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const uint32_t j = threadIdx.x + k * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n * tg.C + c, c);
+    for (int k = 0; k < R; ++k, next(q, t)) {
+      if (q.l < t.Dt) {
+        const ChanCoef cf = gn_coef[q.l];
+        float x[V], g[V];
+        unpack<T, V>(rx[k], x);
+        unpack<T, V>(rg[k], g);
+        float a1 = 0.f, a2 = 0.f;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float xh = (x[e] - mean) * rstd;
+          const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
+          a1 += gz;
+          a2 = fmaf(gz, xh, a2);
+        }
+        s1v[threadIdx.x + k * bt] = a1;
+        s2v[threadIdx.x + k * bt] = a2;
+      }
+    }
+    __syncthreads();
+    // Per-channel sums: warp per channel, lane l adds the channel's vectors l, l + 32, ... in
+    // order, then a butterfly. Lane 0 writes the channel's result (in place of its vector 0).
+    for (uint32_t cl = warp; cl < t.Dt; cl += nw) {
+      const uint32_t base = cl * t.Lc;
+      float a1 = 0.f, a2 = 0.f;
+      for (uint32_t i = lane; i < t.Lc; i += 32) {
+        a1 += s1v[base + i];
+        a2 += s2v[base + i];
+      }
+      a1 = warp_allsum(a1);
+      a2 = warp_allsum(a2);
+      if (lane == 0) {
+        const int64_t c = t.c0 + cl, nc = t.n * tg.C + c;
+        if constexpr (kMode == kPartials) {
+          float* out = w.partials + (nc * tg.nhc + t.hc) * 2;
+          out[0] = a1;
+          out[1] = a2;
+        } else {
+          const ChanCoef cf = gn_coef[cl];
+          write_channel_grads(p, w, nc, cf, a1, a2);
+          s1v[base] = cf.wk * a1;
+          s2v[base] = cf.wk * a2;
+        }
+      }
+    }
+    __syncthreads();
+    if constexpr (kMode == kFused) {
+      if (warp == 0) {
+        float a = 0.f, b = 0.f;
+        for (uint32_t cl = lane; cl < t.Dt; cl += 32) {
+          a += s1v[cl * t.Lc];
+          b += s2v[cl * t.Lc];
+        }
+        a = warp_allsum(a);
+        b = warp_allsum(b);
+        if (lane == 0) {
+          const float M = static_cast<float>(tg.D) * static_cast<float>(tg.HW);
+          s_ab[0] = rstd * __fdividef(a, M);
+          s_ab[1] = rstd * __fdividef(b, M);
+        }
+      }
+      __syncthreads();
+      const float rA = s_ab[0], rB = s_ab[1];
+      q = q0;
+#pragma unroll
+      for (int k = 0; k < R; ++k, next(q, t)) {
+        if (q.l < t.Dt) {
+          const ChanCoef cf = gn_coef[q.l];
+          const float rk = rstd * cf.wk;
           float x[V], g[V];
           unpack<T, V>(rx[k], x);
           unpack<T, V>(rg[k], g);
-          float a1 = 0.f, a2 = 0.f;
 #pragma unroll
           for (int e = 0; e < V; ++e) {
             const float xh = (x[e] - mean) * rstd;
             const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
-            a1 += gz;
-            a2 = fmaf(gz, xh, a2);
+            x[e] = fmaf(gz, rk, -fmaf(xh, rB, rA));
           }
-          s1v[j] = a1;
-          s2v[j] = a2;
+          store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, q), x);
         }
       }
-      __syncthreads();
-      // Per-channel sums: warp per channel, lane l adds the channel's vectors l, l + 32, ... in
-      // order, then a butterfly. Lane 0 writes the channel's result (in place of its vector 0).
-      for (int64_t cl = warp; cl < t.Dt; cl += nw) {
-        const uint32_t base = static_cast<uint32_t>(cl) * t.Lc;
-        float a1 = 0.f, a2 = 0.f;
-        for (uint32_t i = lane; i < t.Lc; i += 32) {
-          a1 += s1v[base + i];
-          a2 += s2v[base + i];
-        }
-        a1 = warp_allsum(a1);
-        a2 = warp_allsum(a2);
-        if (lane == 0) {
-          const int64_t c = t.c0 + cl, nc = t.n * tg.C + c;
-          if constexpr (kMode == kPartials) {
-            float* out = w.partials + (nc * tg.nhc + t.hc) * 2;
-            out[0] = a1;
-            out[1] = a2;
-          } else {
-            const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, nc, c);
-            if (w.S != nullptr) {
-              w.S[nc * 2] = a1;
-              w.S[nc * 2 + 1] = a2;
-            }
-            if (p.grad_shift.data != nullptr) store_coef(p.grad_shift, nc, a1);
-            if (p.grad_scale.data != nullptr) store_coef(p.grad_scale, nc, fmaf(cf.w, a2, cf.b * a1));
-            s1v[base] = cf.wk * a1;
-            s2v[base] = cf.wk * a2;
-          }
-        }
-      }
-      __syncthreads();
-      if constexpr (kMode == kFused) {
-        if (warp == 0) {
-          float a = 0.f, b = 0.f;
-          for (int64_t cl = lane; cl < t.Dt; cl += 32) {
-            a += s1v[static_cast<uint32_t>(cl) * t.Lc];
-            b += s2v[static_cast<uint32_t>(cl) * t.Lc];
-          }
-          a = warp_allsum(a);
-          b = warp_allsum(b);
-          if (lane == 0) {
-            const float M = static_cast<float>(tg.D) * static_cast<float>(tg.HW);
-            s_ab[0] = rstd * __fdividef(a, M);
-            s_ab[1] = rstd * __fdividef(b, M);
-          }
-        }
-        __syncthreads();
-        const float rA = s_ab[0], rB = s_ab[1];
-#pragma unroll
-        for (int k = 0; k < R; ++k) {
-          const uint32_t j = threadIdx.x + k * bt;
-          if (j < t.tv) {
-            uint32_t cl;
-            int64_t c, hw;
-            tile_pos<V>(t, j, &cl, &c, &hw);
-            const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n * tg.C + c, c);
-            const float rk = rstd * cf.wk;
-            float x[V], g[V];
-            unpack<T, V>(rx[k], x);
-            unpack<T, V>(rg[k], g);
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-              const float xh = (x[e] - mean) * rstd;
-              const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
-              x[e] = fmaf(gz, rk, -fmaf(xh, rB, rA));
-            }
-            store<T, V>(p.grad_x.data, elem_offset(p.grad_x, t.n, c, hw), x);
-          }
-        }
-        __syncthreads();  // s1v, s2v, s_ab are rewritten by the next tile
-      }
-      // kPartials: the next tile rewrites s1v, s2v after the __syncthreads() above.
+      __syncthreads();  // gn_coef, s1v, s2v, s_ab are rewritten by the next tile
     }
+    // kPartials: the next tile rewrites gn_coef, s1v, s2v after the __syncthreads() above.
   }
 }
 
@@ -560,28 +586,23 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
-    for (uint32_t j0 = threadIdx.x; j0 < t.tv; j0 += kApplyUnroll * bt) {
+    const float4* table = reinterpret_cast<const float4*>(w.table) + (t.n * tg.C + t.c0) * 2;
+    TileCursor q = tile_cursor(t, threadIdx.x, bt);
+    while (q.l < t.Dt) {
+      const TileCursor q0 = q;
       Raw<T, V> rx[kApplyUnroll], rg[kApplyUnroll];
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u) {
-        const uint32_t j = j0 + u * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          rx[u] = load_raw<T, V>(p.x.data, elem_offset(p.x, t.n, c, hw));
-          rg[u] = load_raw<T, V>(p.grad_y.data, elem_offset(p.grad_y, t.n, c, hw));
+      for (int u = 0; u < kApplyUnroll; ++u, next(q, t)) {
+        if (q.l < t.Dt) {
+          rx[u] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
+          rg[u] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
         }
       }
+      TileCursor qa = q0;
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u) {
-        const uint32_t j = j0 + u * bt;
-        if (j < t.tv) {
-          uint32_t cl;
-          int64_t c, hw;
-          tile_pos<V>(t, j, &cl, &c, &hw);
-          const float4* tb = reinterpret_cast<const float4*>(w.table) + (t.n * tg.C + c) * 2;
-          const float4 t0 = __ldg(tb), t1 = __ldg(tb + 1);
+      for (int u = 0; u < kApplyUnroll; ++u, next(qa, t)) {
+        if (qa.l < t.Dt) {
+          const float4 t0 = __ldg(table + qa.l * 2), t1 = __ldg(table + qa.l * 2 + 1);
           float x[V], g[V];
           unpack<T, V>(rx[u], x);
           unpack<T, V>(rg[u], g);
@@ -591,22 +612,11 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
             const float gz = act_grad(g[e], fmaf(xh, t0.z, t0.w), act);
             x[e] = fmaf(gz, t1.x, -fmaf(xh, t1.z, t1.y));
           }
-          store<T, V>(p.grad_x.data, elem_offset(p.grad_x, t.n, c, hw), x);
+          store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, qa), x);
         }
       }
     }
   }
-}
-
-// Writes S and the per-(n, c) parameter gradients of channel c from its sums S1, S2.
-__device__ __forceinline__ void write_channel_grads(const GroupNormActBackwardParams& p, const Work& w, int64_t nc,
-                                                    const ChanCoef& cf, float s1, float s2) {
-  if (w.S != nullptr) {
-    w.S[nc * 2] = s1;
-    w.S[nc * 2 + 1] = s2;
-  }
-  if (p.grad_shift.data != nullptr) store_coef(p.grad_shift, nc, s1);
-  if (p.grad_scale.data != nullptr) store_coef(p.grad_scale, nc, fmaf(cf.w, s2, cf.b * s1));
 }
 
 // One warp per (n, g): per channel, adds the nchunk partials (S1, S2) in order; writes S,
@@ -987,7 +997,7 @@ void plan_tile(Plan& pl, int64_t N, int64_t C, int64_t HW, int64_t G, int V) {
   tg.D = C / G;
   tg.HWv = HW / V;
   const int64_t cap = V == 1 ? static_cast<int64_t>(kTileMaxThreads) * kScalarR : kTileMaxVecs;
-  tg.Dc = tg.D < cap ? tg.D : cap;
+  tg.Dc = std::min({tg.D, cap, kTileMaxChannels});
   tg.ncc = cdiv(tg.D, tg.Dc);
   const int64_t lmax = cap / tg.Dc;
   tg.nhc = cdiv(tg.HWv, lmax);
@@ -1140,7 +1150,8 @@ template <typename T, int V, int R>
 void fwd_tile(const GroupNormActParams& p, const Plan& pl, const Work& w, cudaStream_t stream) {
   const unsigned grid = grid_of(pl.tile.ntiles);
   if (pl.fused) {
-    gn_fwd_tile_kernel<T, V, R, kFused><<<grid, pl.bt, 0, stream>>>(p, pl.tile, w);
+    const size_t smem = static_cast<size_t>(pl.tile.Dc) * sizeof(ChanCoef);
+    gn_fwd_tile_kernel<T, V, R, kFused><<<grid, pl.bt, smem, stream>>>(p, pl.tile, w);
     return;
   }
   gn_fwd_tile_kernel<T, V, R, kPartials><<<grid, pl.bt, 0, stream>>>(p, pl.tile, w);
@@ -1184,7 +1195,7 @@ void fwd_typed(const GroupNormActParams& p, const Plan& pl, const Work& w, cudaS
 template <typename T, int V, int R>
 void bwd_tile(const GroupNormActBackwardParams& p, const Plan& pl, const Work& w, cudaStream_t stream) {
   const unsigned grid = grid_of(pl.tile.ntiles);
-  const size_t smem = static_cast<size_t>(pl.tile.tv_max) * 2 * sizeof(float);
+  const size_t smem = static_cast<size_t>(pl.tile.Dc) * sizeof(ChanCoef) + static_cast<size_t>(pl.tile.tv_max) * 2 * sizeof(float);
   if (pl.fused) {
     gn_bwd_tile_kernel<T, V, R, kFused><<<grid, pl.bt, smem, stream>>>(p, pl.tile, w);
     return;
