@@ -249,6 +249,20 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
   __syncthreads();
 }
 
+// Division of n < 2^31 by a divisor d >= 1 fixed on the host: a multiply-high, an add and a shift
+// (Granlund-Montgomery: s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1) in place of the
+// dependent chain of some fifteen instructions of a division by a runtime value.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((uint64_t{1} << s) < d) ++s;
+    m = static_cast<uint32_t>((uint64_t{1} << 32) * ((uint64_t{1} << s) - d) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
 // Butterfly sum: every lane ends with the same (bit-identical) value.
 __device__ __forceinline__ float warp_allsum(float v) {
 #pragma unroll

@@ -192,7 +192,8 @@ __device__ __forceinline__ ChanCoef chan_coef(const CoefView& weight, const Coef
 // Tile geometry (see the file comment). Tile index = ((n * G + g) * ncc + cc) * nhc + hc, which is
 // also the index of the forward partial of (n, g, chunk = cc * nhc + hc).
 // Counts of tiles, (n, g) and (n, c) pairs are < 2^31 (checked by the launchers), so the index
-// decompositions use 32-bit division (64-bit division is a subroutine call).
+// decompositions use 32-bit division (64-bit division is a subroutine call), by FastDiv where the
+// divisor is fixed per call.
 struct TileGeom {
   int64_t N, C, HW, G, D;
   int64_t HWv;      // HW / V
@@ -201,6 +202,8 @@ struct TileGeom {
   int64_t ncc, nhc;
   int64_t ntiles;   // N * G * ncc * nhc
   int64_t tv_max;   // Dc * Lv: vectors of the largest tile (sizes the backward's shared memory)
+  FastDiv by_nhc, by_ncc, by_G;
+  FastDiv by_Lv, by_Llast;  // hw vectors per channel of a tile: all chunks but the last; the last
 };
 
 struct TileCoord {
@@ -208,26 +211,26 @@ struct TileCoord {
   int64_t hc;            // hw chunk index
   uint32_t Lc, tv;       // hw vectors per channel, vectors in the tile (Dt * Lc)
   int64_t Dt;            // channels in the tile
+  FastDiv by_Lc;
 };
 
 __device__ __forceinline__ TileCoord tile_coord(int64_t tile, const TileGeom& tg) {
   TileCoord t;
   uint32_t q = static_cast<uint32_t>(tile);
-  const uint32_t nhc = static_cast<uint32_t>(tg.nhc), ncc = static_cast<uint32_t>(tg.ncc);
-  const uint32_t G = static_cast<uint32_t>(tg.G);
-  uint32_t r = q / nhc;
-  t.hc = q - r * nhc;
+  uint32_t r = tg.by_nhc.div(q);
+  t.hc = q - r * tg.by_nhc.d;
   q = r;
-  r = q / ncc;
-  const int64_t cc = q - r * ncc;
+  r = tg.by_ncc.div(q);
+  const int64_t cc = q - r * tg.by_ncc.d;
   q = r;
-  r = q / G;
-  t.g = q - r * G;
+  r = tg.by_G.div(q);
+  t.g = q - r * tg.by_G.d;
   t.n = r;
   t.c0 = t.g * tg.D + cc * tg.Dc;
   t.Dt = min(tg.Dc, tg.D - cc * tg.Dc);
   t.h0 = t.hc * tg.Lv;
-  t.Lc = static_cast<uint32_t>(min(tg.Lv, tg.HWv - t.h0));
+  t.by_Lc = t.hc + 1 < tg.nhc ? tg.by_Lv : tg.by_Llast;
+  t.Lc = t.by_Lc.d;
   t.tv = static_cast<uint32_t>(t.Dt) * t.Lc;
   return t;
 }
@@ -241,9 +244,9 @@ struct TileCursor {
 
 __device__ __forceinline__ TileCursor tile_cursor(const TileCoord& t, uint32_t j, uint32_t stride) {
   TileCursor q;
-  q.l = j / t.Lc;
+  q.l = t.by_Lc.div(j);
   q.r = j - q.l * t.Lc;
-  q.dl = stride / t.Lc;
+  q.dl = t.by_Lc.div(stride);
   q.dr = stride - q.dl * t.Lc;
   return q;
 }
@@ -1016,6 +1019,11 @@ void plan_tile(Plan& pl, int64_t N, int64_t C, int64_t HW, int64_t G, int V) {
   }
   tg.ntiles = groups * tg.nhc;
   tg.tv_max = tg.Dc * tg.Lv;
+  tg.by_nhc = FastDiv(static_cast<uint32_t>(tg.nhc));
+  tg.by_ncc = FastDiv(static_cast<uint32_t>(tg.ncc));
+  tg.by_G = FastDiv(static_cast<uint32_t>(G));
+  tg.by_Lv = FastDiv(static_cast<uint32_t>(tg.Lv));
+  tg.by_Llast = FastDiv(static_cast<uint32_t>(tg.HWv - (tg.nhc - 1) * tg.Lv));
   pl.fused = tg.ncc == 1 && tg.nhc == 1;
 }
 
