@@ -1,5 +1,5 @@
 // A CPU emulation of the CUDA features that csrc/cuda/*.cu use, so that CI (no GPU) runs the
-// CUDA kernels themselves against the oracle (tests/test_cuda_emulated.py).
+// CUDA kernels themselves against the oracle (the pair cpu-cuda_emulated of tests/conftest.py).
 //
 // The threads of a block are coroutines (ucontext) on one OS thread, switched round-robin at
 // every barrier: __syncthreads, and each warp shuffle (which exchanges values through a
@@ -186,7 +186,7 @@ void thunk(const void* f) {
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args) becomes launch(grid, block, shared_bytes,
-// stream, [&] { kernel(args); }) (tests/test_cuda_emulated.py rewrites the sources).
+// stream, [&] { kernel(args); }) (tests/cuda_emu/build.py rewrites the sources).
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, const F& body) {
   State& s = state();
