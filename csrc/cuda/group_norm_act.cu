@@ -203,7 +203,7 @@ struct TileGeom {
   int64_t ntiles;   // N * G * ncc * nhc
   int64_t tv_max;   // Dc * Lv: vectors of the largest tile (sizes the backward's shared memory)
   FastDiv by_nhc, by_ncc, by_G;
-  FastDiv by_Lv, by_Llast;  // hw vectors per channel of a tile: all chunks but the last; the last
+  FastDiv by_Lv, by_Llast;  // by the hw vectors per channel of every hw chunk but the last; of the last
 };
 
 struct TileCoord {
