@@ -235,34 +235,19 @@ __device__ __forceinline__ TileCoord tile_coord(int64_t tile, const TileGeom& tg
   return t;
 }
 
-// Vector j of a tile is (l, r) = (j / Lc, j % Lc): hw vector r of the tile's channel l. A thread
-// walks its vectors j, j + stride, j + 2 stride, ... with `next`, without a division per vector
-// (stride = dl * Lc + dr); the vector exists while l < Dt.
-struct TileCursor {
-  uint32_t l, r, dl, dr;
+// Vector j < tv of a tile: hw vector r of the tile's channel l (j = l * Lc + r).
+struct TilePos {
+  uint32_t l, r;
 };
 
-__device__ __forceinline__ TileCursor tile_cursor(const TileCoord& t, uint32_t j, uint32_t stride) {
-  TileCursor q;
-  q.l = t.by_Lc.div(j);
-  q.r = j - q.l * t.Lc;
-  q.dl = t.by_Lc.div(stride);
-  q.dr = stride - q.dl * t.Lc;
-  return q;
-}
-
-__device__ __forceinline__ void next(TileCursor& q, const TileCoord& t) {
-  q.l += q.dl;
-  q.r += q.dr;
-  if (q.r >= t.Lc) {
-    q.r -= t.Lc;
-    ++q.l;
-  }
+__device__ __forceinline__ TilePos tile_pos(const TileCoord& t, uint32_t j) {
+  const uint32_t l = t.by_Lc.div(j);
+  return {l, j - l * t.Lc};
 }
 
 // Element offset in ts of vector (l, r) of tile t (on the vector path sHW == 1).
 template <int V>
-__device__ __forceinline__ int64_t tile_offset(const GNTensor& ts, const TileCoord& t, const TileCursor& q) {
+__device__ __forceinline__ int64_t tile_offset(const GNTensor& ts, const TileCoord& t, const TilePos& q) {
   const int64_t hw = (t.h0 + q.r) * V;
   return t.n * ts.sN + (t.c0 + q.l) * ts.sC + (V > 1 ? hw : hw * ts.sHW);
 }
@@ -300,13 +285,12 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
-    const TileCursor q0 = tile_cursor(t, threadIdx.x, bt);
     Raw<T, V> raw[R];
-    TileCursor q = q0;
 #pragma unroll
-    for (int k = 0; k < R; ++k, next(q, t)) {
-      if (q.l < t.Dt) {
-        raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
+    for (int k = 0; k < R; ++k) {
+      const uint32_t j = threadIdx.x + k * bt;
+      if (j < t.tv) {
+        raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, tile_pos(t, j)));
       } else {
         raw[k] = Raw<T, V>{};
       }
@@ -358,10 +342,11 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
         p.mean[t.n * tg.G + t.g] = mean;
         p.rstd[t.n * tg.G + t.g] = rstd;
       }
-      q = q0;
 #pragma unroll
-      for (int k = 0; k < R; ++k, next(q, t)) {
-        if (q.l < t.Dt) {
+      for (int k = 0; k < R; ++k) {
+        const uint32_t j = threadIdx.x + k * bt;
+        if (j < t.tv) {
+          const TilePos q = tile_pos(t, j);
           const ChanCoef cf = gn_coef[q.l];
           const float a = rstd * cf.wk;
           float v[V];
@@ -386,24 +371,24 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
     const float4* table = reinterpret_cast<const float4*>(w.table) + t.n * tg.C + t.c0;
-    TileCursor q = tile_cursor(t, threadIdx.x, bt);
-    while (q.l < t.Dt) {
-      const TileCursor q0 = q;
+    for (uint32_t j0 = threadIdx.x; j0 < t.tv; j0 += kApplyUnroll * bt) {
       Raw<T, V> raw[kApplyUnroll];
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u, next(q, t)) {
-        if (q.l < t.Dt) raw[u] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
+      for (int u = 0; u < kApplyUnroll; ++u) {
+        const uint32_t j = j0 + u * bt;
+        if (j < t.tv) raw[u] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, tile_pos(t, j)));
       }
-      TileCursor qa = q0;
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u, next(qa, t)) {
-        if (qa.l < t.Dt) {
-          const float4 tb = __ldg(table + qa.l);
+      for (int u = 0; u < kApplyUnroll; ++u) {
+        const uint32_t j = j0 + u * bt;
+        if (j < t.tv) {
+          const TilePos q = tile_pos(t, j);
+          const float4 tb = __ldg(table + q.l);
           float v[V];
           unpack<T, V>(raw[u], v);
 #pragma unroll
           for (int e = 0; e < V; ++e) v[e] = act_fwd(fmaf(v[e] - tb.x, tb.y, tb.z), act);
-          store<T, V>(p.y.data, tile_offset<V>(p.y, t, qa), v);
+          store<T, V>(p.y.data, tile_offset<V>(p.y, t, q), v);
         }
       }
     }
@@ -475,12 +460,12 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
-    const TileCursor q0 = tile_cursor(t, threadIdx.x, bt);
     Raw<T, V> rx[R], rg[R];
-    TileCursor q = q0;
 #pragma unroll
-    for (int k = 0; k < R; ++k, next(q, t)) {
-      if (q.l < t.Dt) {
+    for (int k = 0; k < R; ++k) {
+      const uint32_t j = threadIdx.x + k * bt;
+      if (j < t.tv) {
+        const TilePos q = tile_pos(t, j);
         rx[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
         rg[k] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
       } else {
@@ -492,11 +477,11 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
     const float mean = __ldg(p.mean + t.n * tg.G + t.g);
     const float rstd = __ldg(p.rstd + t.n * tg.G + t.g);
     __syncthreads();  // gn_coef
-    q = q0;
 #pragma unroll
-    for (int k = 0; k < R; ++k, next(q, t)) {
-      if (q.l < t.Dt) {
-        const ChanCoef cf = gn_coef[q.l];
+    for (int k = 0; k < R; ++k) {
+      const uint32_t j = threadIdx.x + k * bt;
+      if (j < t.tv) {
+        const ChanCoef cf = gn_coef[tile_pos(t, j).l];
         float x[V], g[V];
         unpack<T, V>(rx[k], x);
         unpack<T, V>(rg[k], g);
@@ -508,8 +493,8 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
           a1 += gz;
           a2 = fmaf(gz, xh, a2);
         }
-        s1v[threadIdx.x + k * bt] = a1;
-        s2v[threadIdx.x + k * bt] = a2;
+        s1v[j] = a1;
+        s2v[j] = a2;
       }
     }
     __syncthreads();
@@ -556,10 +541,11 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
       }
       __syncthreads();
       const float rA = s_ab[0], rB = s_ab[1];
-      q = q0;
 #pragma unroll
-      for (int k = 0; k < R; ++k, next(q, t)) {
-        if (q.l < t.Dt) {
+      for (int k = 0; k < R; ++k) {
+        const uint32_t j = threadIdx.x + k * bt;
+        if (j < t.tv) {
+          const TilePos q = tile_pos(t, j);
           const ChanCoef cf = gn_coef[q.l];
           const float rk = rstd * cf.wk;
           float x[V], g[V];
@@ -590,22 +576,23 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
     const float4* table = reinterpret_cast<const float4*>(w.table) + (t.n * tg.C + t.c0) * 2;
-    TileCursor q = tile_cursor(t, threadIdx.x, bt);
-    while (q.l < t.Dt) {
-      const TileCursor q0 = q;
+    for (uint32_t j0 = threadIdx.x; j0 < t.tv; j0 += kApplyUnroll * bt) {
       Raw<T, V> rx[kApplyUnroll], rg[kApplyUnroll];
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u, next(q, t)) {
-        if (q.l < t.Dt) {
+      for (int u = 0; u < kApplyUnroll; ++u) {
+        const uint32_t j = j0 + u * bt;
+        if (j < t.tv) {
+          const TilePos q = tile_pos(t, j);
           rx[u] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
           rg[u] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
         }
       }
-      TileCursor qa = q0;
 #pragma unroll
-      for (int u = 0; u < kApplyUnroll; ++u, next(qa, t)) {
-        if (qa.l < t.Dt) {
-          const float4 t0 = __ldg(table + qa.l * 2), t1 = __ldg(table + qa.l * 2 + 1);
+      for (int u = 0; u < kApplyUnroll; ++u) {
+        const uint32_t j = j0 + u * bt;
+        if (j < t.tv) {
+          const TilePos q = tile_pos(t, j);
+          const float4 t0 = __ldg(table + q.l * 2), t1 = __ldg(table + q.l * 2 + 1);
           float x[V], g[V];
           unpack<T, V>(rx[u], x);
           unpack<T, V>(rg[u], g);
@@ -615,7 +602,7 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
             const float gz = act_grad(g[e], fmaf(xh, t0.z, t0.w), act);
             x[e] = fmaf(gz, t1.x, -fmaf(xh, t1.z, t1.y));
           }
-          store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, qa), x);
+          store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, q), x);
         }
       }
     }
