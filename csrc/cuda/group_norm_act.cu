@@ -245,6 +245,17 @@ __device__ __forceinline__ TilePos tile_pos(const TileCoord& t, uint32_t j) {
   return {l, j - l * t.Lc};
 }
 
+// Calls f(k, j) for each vector j = threadIdx.x + k * blockDim.x, k < R, of tile t that exists:
+// the vectors a thread of the tile kernels holds in its registers [k].
+template <int R, typename F>
+__device__ __forceinline__ void for_own_vectors(const TileCoord& t, F&& f) {
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const uint32_t j = threadIdx.x + k * blockDim.x;
+    if (j < t.tv) f(k, j);
+  }
+}
+
 // Element offset in ts of vector (l, r) of tile t (on the vector path sHW == 1).
 template <int V>
 __device__ __forceinline__ int64_t tile_offset(const GNTensor& ts, const TileCoord& t, const TilePos& q) {
@@ -281,50 +292,37 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
     gn_fwd_tile_kernel(const GroupNormActParams p, const TileGeom tg, const Work w) {
   extern __shared__ ChanCoef gn_coef[];
   __shared__ float red[3][32];  // [0]: sum x; [1], [2]: sum d, sum d^2
-  const uint32_t bt = blockDim.x;
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
     Raw<T, V> raw[R];
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const uint32_t j = threadIdx.x + k * bt;
-      if (j < t.tv) {
-        raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, tile_pos(t, j)));
-      } else {
-        raw[k] = Raw<T, V>{};
-      }
-    }
+    for_own_vectors<R>(t, [&](int k, uint32_t j) {
+      raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, tile_pos(t, j)));
+    });
     if constexpr (kMode == kFused) load_tile_coefs(gn_coef, p, t, tg.C);
     // Corrected two-pass statistics of the tile from the registers: mean0 = sum x / n, then
     // d = x - mean0: mean = mean0 + sum d / n, m2 = sum d^2 - (sum d)^2 / n.
     float s[1] = {0.f};
+    for_own_vectors<R>(t, [&](int k, uint32_t) {
+      float v[V];
+      unpack<T, V>(raw[k], v);
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (threadIdx.x + k * bt < t.tv) {
-        float v[V];
-        unpack<T, V>(raw[k], v);
-#pragma unroll
-        for (int e = 0; e < V; ++e) s[0] += v[e];
-      }
-    }
+      for (int e = 0; e < V; ++e) s[0] += v[e];
+    });
     block_allsum(s, red);
     const float cnt = static_cast<float>(t.tv) * V;
     const float mean0 = __fdividef(s[0], cnt);
     float dev[2] = {0.f, 0.f};  // sum d, sum d^2
+    for_own_vectors<R>(t, [&](int k, uint32_t) {
+      float v[V];
+      unpack<T, V>(raw[k], v);
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (threadIdx.x + k * bt < t.tv) {
-        float v[V];
-        unpack<T, V>(raw[k], v);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float d = v[e] - mean0;
-          dev[0] += d;
-          dev[1] = fmaf(d, d, dev[1]);
-        }
+      for (int e = 0; e < V; ++e) {
+        const float d = v[e] - mean0;
+        dev[0] += d;
+        dev[1] = fmaf(d, d, dev[1]);
       }
-    }
+    });
     block_allsum(dev, red + 1);
     const float corr = __fdividef(dev[0], cnt);
     const float mean = mean0 + corr;
@@ -342,20 +340,16 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
         p.mean[t.n * tg.G + t.g] = mean;
         p.rstd[t.n * tg.G + t.g] = rstd;
       }
+      for_own_vectors<R>(t, [&](int k, uint32_t j) {
+        const TilePos q = tile_pos(t, j);
+        const ChanCoef cf = gn_coef[q.l];
+        const float a = rstd * cf.wk;
+        float v[V];
+        unpack<T, V>(raw[k], v);
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const uint32_t j = threadIdx.x + k * bt;
-        if (j < t.tv) {
-          const TilePos q = tile_pos(t, j);
-          const ChanCoef cf = gn_coef[q.l];
-          const float a = rstd * cf.wk;
-          float v[V];
-          unpack<T, V>(raw[k], v);
-#pragma unroll
-          for (int e = 0; e < V; ++e) v[e] = act_fwd(fmaf(v[e] - mean, a, cf.bks), act);
-          store<T, V>(p.y.data, tile_offset<V>(p.y, t, q), v);
-        }
-      }
+        for (int e = 0; e < V; ++e) v[e] = act_fwd(fmaf(v[e] - mean, a, cf.bks), act);
+        store<T, V>(p.y.data, tile_offset<V>(p.y, t, q), v);
+      });
       __syncthreads();  // gn_coef is rewritten by the next tile
     }
   }
@@ -455,48 +449,36 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
   __shared__ float s_ab[2];
   float* s1v = reinterpret_cast<float*>(gn_coef + tg.Dc);
   float* s2v = s1v + tg.tv_max;
-  const uint32_t bt = blockDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const bool act = p.act != 0;
   for (int64_t tile = blockIdx.x; tile < tg.ntiles; tile += gridDim.x) {
     const TileCoord t = tile_coord(tile, tg);
     Raw<T, V> rx[R], rg[R];
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const uint32_t j = threadIdx.x + k * bt;
-      if (j < t.tv) {
-        const TilePos q = tile_pos(t, j);
-        rx[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
-        rg[k] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
-      } else {
-        rx[k] = Raw<T, V>{};
-        rg[k] = Raw<T, V>{};
-      }
-    }
+    for_own_vectors<R>(t, [&](int k, uint32_t j) {
+      const TilePos q = tile_pos(t, j);
+      rx[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
+      rg[k] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
+    });
     load_tile_coefs(gn_coef, p, t, tg.C);
     const float mean = __ldg(p.mean + t.n * tg.G + t.g);
     const float rstd = __ldg(p.rstd + t.n * tg.G + t.g);
     __syncthreads();  // gn_coef
+    for_own_vectors<R>(t, [&](int k, uint32_t j) {
+      const ChanCoef cf = gn_coef[tile_pos(t, j).l];
+      float x[V], g[V];
+      unpack<T, V>(rx[k], x);
+      unpack<T, V>(rg[k], g);
+      float a1 = 0.f, a2 = 0.f;
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const uint32_t j = threadIdx.x + k * bt;
-      if (j < t.tv) {
-        const ChanCoef cf = gn_coef[tile_pos(t, j).l];
-        float x[V], g[V];
-        unpack<T, V>(rx[k], x);
-        unpack<T, V>(rg[k], g);
-        float a1 = 0.f, a2 = 0.f;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float xh = (x[e] - mean) * rstd;
-          const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
-          a1 += gz;
-          a2 = fmaf(gz, xh, a2);
-        }
-        s1v[j] = a1;
-        s2v[j] = a2;
+      for (int e = 0; e < V; ++e) {
+        const float xh = (x[e] - mean) * rstd;
+        const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
+        a1 += gz;
+        a2 = fmaf(gz, xh, a2);
       }
-    }
+      s1v[j] = a1;
+      s2v[j] = a2;
+    });
     __syncthreads();
     // Per-channel sums: warp per channel, lane l adds the channel's vectors l, l + 32, ... in
     // order, then a butterfly. Lane 0 writes the channel's result (in place of its vector 0).
@@ -541,25 +523,21 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
       }
       __syncthreads();
       const float rA = s_ab[0], rB = s_ab[1];
+      for_own_vectors<R>(t, [&](int k, uint32_t j) {
+        const TilePos q = tile_pos(t, j);
+        const ChanCoef cf = gn_coef[q.l];
+        const float rk = rstd * cf.wk;
+        float x[V], g[V];
+        unpack<T, V>(rx[k], x);
+        unpack<T, V>(rg[k], g);
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        const uint32_t j = threadIdx.x + k * bt;
-        if (j < t.tv) {
-          const TilePos q = tile_pos(t, j);
-          const ChanCoef cf = gn_coef[q.l];
-          const float rk = rstd * cf.wk;
-          float x[V], g[V];
-          unpack<T, V>(rx[k], x);
-          unpack<T, V>(rg[k], g);
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const float xh = (x[e] - mean) * rstd;
-            const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
-            x[e] = fmaf(gz, rk, -fmaf(xh, rB, rA));
-          }
-          store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, q), x);
+        for (int e = 0; e < V; ++e) {
+          const float xh = (x[e] - mean) * rstd;
+          const float gz = act_grad(g[e], fmaf(xh, cf.wk, cf.bks), act);
+          x[e] = fmaf(gz, rk, -fmaf(xh, rB, rA));
         }
-      }
+        store<T, V>(p.grad_x.data, tile_offset<V>(p.grad_x, t, q), x);
+      });
       __syncthreads();  // gn_coef, s1v, s2v, s_ab are rewritten by the next tile
     }
     // kPartials: the next tile rewrites gn_coef, s1v, s2v after the __syncthreads() above.
