@@ -286,9 +286,9 @@ class Trainer:
         if self.cfg.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = None if y is None or not self.model.config.get("num_classes") else y.to(self.device)
-        t, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
+        t_cpu, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
         eps = torch.randn(x0.shape, generator=self.noise).to(self.device, memory_format=torch.preserve_format)
-        t, weights = t.to(self.device), weights.to(self.device)
+        t, weights = t_cpu.to(self.device), weights.to(self.device)
         size = self.cfg.microbatch or x0.shape[0]
         micro = []
         for i in range(0, x0.shape[0], size):
@@ -296,7 +296,7 @@ class Trainer:
             m = {"x0": x0[part], "y": None if y is None else y[part], "t": t[part], "w": weights[part],
                  "eps": eps[part], "share": x0[part].shape[0] / x0.shape[0]}
             m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"])
-            m["c_noise"] = self.schedule.sqrt_one_minus_alphas_cumprod.float()[m["t"].cpu()].to(self.device)
+            m["c_noise"] = self.schedule.sqrt_one_minus_alphas_cumprod.float()[t_cpu[part]].to(self.device)
             if self.cfg.mode == "ip":   # DDPM-IP: eps' = eps + gamma * xi, target stays eps
                 xi = torch.randn(m["x0"].shape, generator=self.noise).to(self.device)
                 delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
@@ -344,13 +344,17 @@ class Trainer:
             m["perturbation"].update(*m["inputs"], grad_scale=grad_scale)
 
     def _record_losses(self, t, losses):
+        """All ranks' per-sample losses to a timestep sampler that learns from them (no device
+        synchronization or gathering for one that does not)."""
+        if not self.timesteps.learns_from_losses:
+            return
         if self.world > 1:
             gathered_t, gathered_l = [torch.empty_like(t) for _ in range(self.world)], [
                 torch.empty_like(losses) for _ in range(self.world)]
             dist.all_gather(gathered_t, t)
             dist.all_gather(gathered_l, losses)
             t, losses = torch.cat(gathered_t), torch.cat(gathered_l)
-        self.timesteps.update(t.cpu(), losses.cpu())
+        self.timesteps.update(t, losses)
 
     def train_batch(self):
         """K replays of one batch (one for standard and DDPM-IP); returns the last replay's mean loss."""

@@ -76,6 +76,7 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path):
     straight = Trainer(config(tmp_path / "a", total_steps=12, mode="free_at", adv_target="delta",
                               schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
     straight.train()
+    assert int(straight.timesteps.loss_counts.sum()) > 0   # the trainer feeds the sampler its losses
     first = Trainer(config(tmp_path / "b", total_steps=6, mode="free_at", adv_target="delta",
                            schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
     first.train()

@@ -7,7 +7,10 @@ import torch
 
 
 class TimestepSampler:
-    """Draws timesteps from ``probabilities()``; subclasses may learn them from ``update``."""
+    """Draws timesteps from ``probabilities()``; subclasses may learn them from ``update``
+    (``learns_from_losses``: the trainer gathers and passes the losses only to those)."""
+
+    learns_from_losses = False
 
     def __init__(self, num_timesteps):
         self.num_timesteps = num_timesteps
@@ -48,6 +51,8 @@ class LossSecondMomentSampler(TimestepSampler):
     """p(t) proportional to sqrt(E[loss_t^2]) over the last ``history`` losses of each timestep,
     mixed with ``uniform_prob`` of the uniform distribution; uniform until every timestep has
     ``history`` losses (ADM's LossSecondMomentResampler)."""
+
+    learns_from_losses = True
 
     def __init__(self, num_timesteps, history=10, uniform_prob=0.001):
         super().__init__(num_timesteps)
