@@ -44,7 +44,9 @@ class Perturbation:
         self.delta = torch.zeros_like(x_t)
         self.x_in, self.target = x_t, eps
         self.radius = math.sqrt(x_t[0].numel()) * config.max_norm
-        self.skipped = 0    # samples whose gradient was not finite (their delta was kept)
+        # Samples whose gradient was not finite (their delta was kept): a count on the device, read
+        # when the trainer reports it, so that an update does not wait for the GPU.
+        self.skipped = torch.zeros((), dtype=torch.long, device=x_t.device)
 
     def inputs(self):
         """(x_in, target) as fresh leaves: x_in requires grad, and so does target under 'delta'."""
@@ -61,5 +63,5 @@ class Perturbation:
         step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, x_in.grad, self.config.lr, self.radius,
                                self.config.target, grad_target, grad_scale)
         self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
-        self.skipped += int(step.skipped.sum())
+        self.skipped += step.skipped.sum()
         return step

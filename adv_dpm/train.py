@@ -370,7 +370,7 @@ class Trainer:
                 self._optimizer_step(grad_scale)
             if k < replays - 1:
                 self._update_perturbations(micro, grad_scale)
-        return losses.mean().item(), sum(m["perturbation"].skipped for m in micro)
+        return losses.mean().item(), int(sum(m["perturbation"].skipped for m in micro))
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self):

@@ -72,6 +72,18 @@ def test_metrics_are_logged_at_multiples_of_the_log_interval(tmp_path, mode):
     assert logged == ([2, 4, 6] if mode != "free_at" else [3, 6])   # free AT: 3 updates per batch
 
 
+def test_perturbation_counts_samples_whose_gradient_is_not_finite():
+    from adv_dpm.adversarial import AdversarialConfig, Perturbation
+    x_t = torch.randn(4, 3, 8, 8)
+    perturbation = Perturbation(x_t, torch.randn_like(x_t), torch.full((4,), 0.5), AdversarialConfig())
+    for bad in ([1], [1, 3]):
+        x_in, target = perturbation.inputs()
+        x_in.grad = torch.randn_like(x_in)
+        x_in.grad[bad] = float("nan")
+        perturbation.update(x_in, target)
+    assert int(perturbation.skipped) == 3
+
+
 def test_resumed_run_continues_the_same_trajectory(tmp_path):
     straight = Trainer(config(tmp_path / "a", total_steps=12, mode="free_at", adv_target="delta",
                               schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
