@@ -225,15 +225,17 @@ def _gn_fwd_fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, r
         hw = tl.arange(0, BHW)
         m = cm[:, :, None] & (hw < HW)[None, None, :]
         x = _ld3(x_n, c, hw, x_sC, x_sHW, m, UNIT_C, UNIT_HW, I64)
-    # The channel parameters are loaded before the statistics, so that their memory latency
-    # overlaps that of x instead of following the reductions.
-    w, b, k, s = _channel_params(w_ptr, b_ptr, sc_ptr, sh_ptr, n, c, cm, w_s, b_s, sc_sN, sc_sC,
-                                 sh_sN, sh_sC, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
-    if ONE_TILE:
+        # The channel parameters are loaded beside x, so that their memory latency overlaps its
+        # instead of following the reductions. (LOOPED loads them after its statistics loop: held
+        # through it, they would cost registers, and so occupancy, for little gain.)
+        w, b, k, s = _channel_params(w_ptr, b_ptr, sc_ptr, sh_ptr, n, c, cm, w_s, b_s, sc_sN, sc_sC,
+                                     sh_sN, sh_sC, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         cnt = tl.cast(cnt_f, tl.float32)
         mean, m2 = _tile_moments(x, m, cnt)
     else:
         mean, m2, cnt = _range_moments(x_n, c, cm, x_sC, x_sHW, HW, 0, NT, CG, GB, BHW, UNIT_C, UNIT_HW, I64)
+        w, b, k, s = _channel_params(w_ptr, b_ptr, sc_ptr, sh_ptr, n, c, cm, w_s, b_s, sc_sN, sc_sC,
+                                     sh_sN, sh_sC, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     rstd = tl.rsqrt(m2 / cnt + eps)
     gm = gi < G
     tl.store(mean_ptr + n * G + gi, mean, mask=gm)
