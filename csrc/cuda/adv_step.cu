@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) adv_step_sample_kernel(cons
 
 template <typename T, int V, bool kStrided>
 __global__ void __launch_bounds__(kThreads) adv_step_stats_kernel(const AdvStepParams p) {
-  __shared__ float smem[3 * (kThreads / 32)];
+  __shared__ float smem[3][32];
   for (int64_t b = blockIdx.y; b < p.shape.B; b += gridDim.y) {
     const float cn = step_coef(p, b);
     float acc[3] = {0.f, 0.f, 0.f};  // gg, dg, dd

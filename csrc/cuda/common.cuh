@@ -220,35 +220,6 @@ __device__ __forceinline__ void for_sample(const Shape& s, int64_t b, F&& f) {
   for (int64_t i = unit_start(); i < count; i += step) f(make_coord<V, kStrided>(s, b, i));
 }
 
-// Deterministic block sum of NV values per thread: warp shuffles, then warp 0 sums the warp
-// totals in order. The result is valid in thread 0. `smem` holds NV * (kThreads / 32) floats.
-// Ends with the block synchronized so `smem` may be reused.
-template <int NV>
-__device__ __forceinline__ void block_sum(float (&v)[NV], float* smem) {
-  constexpr int kWarps = kThreads / 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < NV; ++k) smem[k * kWarps + warp] = v[k];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      float t = smem[k * kWarps];
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) t += smem[k * kWarps + w];
-      v[k] = t;
-    }
-  }
-  __syncthreads();
-}
-
 // Division of n < 2^31 by a divisor d >= 1 fixed on the host: a multiply-high, an add and a shift
 // (Granlund-Montgomery: s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1) in place of the
 // dependent chain of some fifteen instructions of a division by a runtime value.
@@ -290,16 +261,18 @@ __device__ __forceinline__ void block_allsum(float (&v)[NV], float (*smem)[32]) 
 }
 
 // Block-sums the 3 per-thread values and stores them as partial (b, blockIdx.x) of the
-// [(b * nblk + block) * 3 + k] layout that warp_sum_partials reads.
-__device__ __forceinline__ void store_block_partials(float (&acc)[3], float* smem, float* partials, int64_t b,
+// [(b * nblk + block) * 3 + k] layout that warp_sum_partials reads. Ends with the block
+// synchronized, so `smem` may be reused.
+__device__ __forceinline__ void store_block_partials(float (&acc)[3], float (*smem)[32], float* partials, int64_t b,
                                                      int64_t nblk) {
-  block_sum<3>(acc, smem);
+  block_allsum(acc, smem);
   if (threadIdx.x == 0) {
     float* out = partials + (b * nblk + blockIdx.x) * 3;
     out[0] = acc[0];
     out[1] = acc[1];
     out[2] = acc[2];
   }
+  __syncthreads();
 }
 
 // Deterministic warp sum of the 3-float partials [(b * nblk + j) * 3 + k], j < nblk, of one

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) noise_inject_kernel(const NoiseInjec
 
 template <typename T, int V, bool kStrided>
 __global__ void __launch_bounds__(kThreads) noise_inject_backward_kernel(const NoiseInjectBackwardParams p) {
-  __shared__ float smem[3 * (kThreads / 32)];
+  __shared__ float smem[3][32];
   const bool has_delta = p.has_delta;
   const bool coef = p.coef_grads;
   const bool mode2 = has_delta && p.mode == 2;
