@@ -5,13 +5,14 @@ x_t + delta with the matching target; the one backward pass of the replay gives 
 parameter gradients and dLoss/d(x_t + delta), from which ``update`` takes the normalized L2
 ascent step and projects onto ||delta|| <= sqrt(d) * max_norm, writing the next input and
 target in the same pass (``adv_dpm.adv_step_inject``). No extra forward or backward pass.
+A consistency model's perturbation moves the input alone (no ``eps``): ``adv_dpm.adv_step``.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .ops import adv_step_inject
+from .ops import adv_step, adv_step_inject
 from .ops.checks import TARGETS
 
 
@@ -36,7 +37,8 @@ class AdversarialConfig:
 class Perturbation:
     """delta of one batch, and the network input and target of the current replay.
 
-    ``x_t`` is the clean noisy batch, ``eps`` its noise, ``c_noise`` the per-sample sqrt(1 - abar_t).
+    ``x_t`` is the clean noisy batch, ``eps`` its noise, ``c_noise`` the per-sample sqrt(1 - abar_t);
+    with ``eps`` None there is no regression target to shift (consistency models: target None).
     """
 
     def __init__(self, x_t, eps, c_noise, config: AdversarialConfig):
@@ -51,6 +53,8 @@ class Perturbation:
     def inputs(self):
         """(x_in, target) as fresh leaves: x_in requires grad, and so does target under 'delta'."""
         x_in = self.x_in.detach().requires_grad_()
+        if self.target is None:
+            return x_in, None
         target = self.target.detach().requires_grad_(self.config.target == "delta")
         return x_in, target
 
@@ -59,9 +63,13 @@ class Perturbation:
         """The ascent step from the gradients the replay's backward left on ``inputs()``."""
         if x_in.grad is None:
             raise RuntimeError("Perturbation.update: x_in has no gradient; call backward() on the replay's loss first")
-        grad_target = target.grad if self.config.target == "delta" else None
-        step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, x_in.grad, self.config.lr, self.radius,
-                               self.config.target, grad_target, grad_scale)
-        self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
+        if self.eps is None:
+            step = adv_step(self.delta, x_in.grad, self.config.lr, self.radius, grad_scale)
+            self.delta, self.x_in = step.delta, self.x_t + step.delta
+        else:
+            grad_target = target.grad if self.config.target == "delta" else None
+            step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, x_in.grad, self.config.lr,
+                                   self.radius, self.config.target, grad_target, grad_scale)
+            self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
         self.skipped += step.skipped.sum()
         return step

@@ -116,7 +116,6 @@ def sample(args):
     """Sample from a checkpoint's EMA weights to a PNG grid and an npz."""
     import numpy as np
 
-    from .diffusion import sample as draw
     from .evaluate import load_checkpoint, sample_shape
     from .utils import resolve_device, save_image_grid
     if args.num < 1:
@@ -125,9 +124,9 @@ def sample(args):
     loaded = load_checkpoint(args.checkpoint, args.ema, device)
     shape = (args.num, *sample_shape(loaded))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    options = {} if loaded.consistency else {"eta": args.eta, "es_lambda": args.es_lambda}
     with torch.no_grad():
-        x = draw(lambda x, t: loaded.model(x, t), loaded.schedule, shape, args.method, args.steps, eta=args.eta,
-                 es_lambda=args.es_lambda, learn_sigma=loaded.learn_sigma, device=device, x_T=x_T, progress=True)
+        x = loaded.sample(shape, args.method, args.steps, device=device, x_T=x_T, progress=True, **options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out.with_suffix(".npz"), x.cpu().numpy())
@@ -147,7 +146,7 @@ def evaluate(args):
     """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
     from .evaluate import evaluate as run
     out = args.out or str(Path(args.checkpoint).parent / "eval")
-    rows = run(args.checkpoint, samplers=[s for s in args.samplers.split(",") if s], nfes=args.nfes,
+    rows = run(args.checkpoint, samplers=args.samplers and [s for s in args.samplers.split(",") if s], nfes=args.nfes,
                num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
                exposure=args.exposure, robustness_budget=args.robustness, inception=args.inception,
                feature_cache=args.feature_cache, ema=args.ema, batch_size=args.batch_size, device=args.device)
@@ -181,7 +180,8 @@ def main(argv=None):
     p = sub.add_parser("sample", help=sample.__doc__, description=sample.__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt of a training run")
-    p.add_argument("--method", default="ddim", choices=METHODS)
+    p.add_argument("--method", default="ddim", choices=METHODS,
+                   help="diffusion sampler (a consistency model is sampled by multistep consistency sampling)")
     p.add_argument("--steps", type=int, default=20,
                    help="number of model evaluations (NFE); ddim steps with an integer stride, as ADM's ddimN")
     p.add_argument("--num", type=int, default=64, help="number of samples")
@@ -193,11 +193,14 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png", help="PNG grid; the npz goes beside it")
     p.set_defaults(run=sample)
 
-    from .evaluate import ES_LAMBDA, PAPER_NFES, SAMPLERS
+    from .evaluate import CM_NFES, CM_SAMPLERS, ES_LAMBDA, PAPER_NFES, SAMPLERS
     p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
     p.add_argument("checkpoint", help="checkpoint.pt of a training run (its EMA weights are evaluated)")
-    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated, some of %(default)s")
-    p.add_argument("--nfes", type=_int_list, default=list(PAPER_NFES), help="comma-separated (default: the paper's)")
+    p.add_argument("--samplers", default=None, help=f"comma-separated, some of {','.join(SAMPLERS)} (default: all); "
+                   f"for a consistency model {','.join(CM_SAMPLERS)}")
+    p.add_argument("--nfes", type=_int_list, default=None,
+                   help=f"comma-separated (default: the paper's, {','.join(map(str, PAPER_NFES))}; for a consistency "
+                   f"model {','.join(map(str, CM_NFES))})")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--es-lambda", type=float, default=ES_LAMBDA, help="epsilon scaling of 'ddpm-es'")

@@ -6,7 +6,8 @@ them: ``toy_metrics`` on 2-D data, ``image_metrics`` in the feature space of a s
 trained on the data set (``feature_extractor``; its held-out accuracy is reported) on images,
 optionally Inception FID, the exposure-bias ratio and the quality under perturbed model inputs.
 It returns one dict per cell and, with ``out_dir``, writes results.csv / .md / .json and one
-``<metric>_vs_nfe.png`` per metric, each file atomically.
+``<metric>_vs_nfe.png`` per metric, each file atomically. A consistency model (objective 'cd'
+or 'ct') is scored with multistep consistency sampling ('consistency', NFE 1, 2, 4 by default).
 """
 import csv
 import io
@@ -19,13 +20,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import consistency, metrics
 from .diffusion import Schedule, sample
 from .models import build_model
 from .utils import atomic_write, read_checkpoint, resolve_device
 
 SAMPLERS = ("ddpm", "ddpm-es", "ddim", "dpm_solver++")
 PAPER_NFES = (5, 8, 10, 20, 50)
+CM_SAMPLERS = ("consistency",)
+CM_NFES = (1, 2, 4)
 ES_LAMBDA = 1.017          # the paper's CIFAR-10 epsilon scaling
 PRIMARY = {"toy": "swd", "image": "fd"}   # the headline metric of each kind of data (lower is better)
 
@@ -103,6 +106,24 @@ class Loaded:
     learn_sigma: bool
     step: int
 
+    @property
+    def consistency(self):
+        """Whether the checkpoint holds a consistency model (objective 'cd' or 'ct')."""
+        return self.config.get("objective", "diffusion") != "diffusion"
+
+    def sample(self, shape, method, steps, **kw):
+        """Samples of the model: ``diffusion.sample`` with ``method``, or (a consistency model)
+        multistep consistency sampling."""
+        if self.consistency:
+            return consistency.sample(self.model, self.schedule, shape, steps, scales=self.config["scales"],
+                                      learn_sigma=self.learn_sigma, **kw)
+        return sample(self.model, self.schedule, shape, method, steps, learn_sigma=self.learn_sigma, **kw)
+
+    def robustness(self, shape, method, steps, **kw):
+        """``metrics.robustness`` of the (diffusion) model: samples under perturbed model inputs."""
+        return metrics.robustness(self.model, self.schedule, shape, method, steps,
+                                  learn_sigma=self.learn_sigma, **kw)
+
 
 def load_checkpoint(path, ema=None, device="cpu"):
     """The EMA model (rate ``ema``, default the run's first) of a trainer checkpoint."""
@@ -125,23 +146,25 @@ def load_checkpoint(path, ema=None, device="cpu"):
                   int(state["step"]))
 
 
-def sampler_method(sampler, es_lambda=ES_LAMBDA):
-    """(method, keyword arguments of ``diffusion.sample``) of a grid sampler name."""
-    methods = {"ddpm": ("ddpm", {}), "ddpm-es": ("ddpm", {"es_lambda": es_lambda}), "ddim": ("ddim", {"eta": 0.0}),
-               "dpm_solver++": ("dpm_solver++", {})}
+def sampler_method(sampler, es_lambda=ES_LAMBDA, consistency_model=False):
+    """(method, keyword arguments of ``Loaded.sample``) of a grid sampler name."""
+    methods = {"consistency": ("consistency", {})} if consistency_model else {
+        "ddpm": ("ddpm", {}), "ddpm-es": ("ddpm", {"es_lambda": es_lambda}), "ddim": ("ddim", {"eta": 0.0}),
+        "dpm_solver++": ("dpm_solver++", {})}
     if sampler not in methods:
-        raise ValueError(f"samplers: unknown sampler {sampler!r}; expected some of {SAMPLERS}")
+        kind = "a consistency model" if consistency_model else "a diffusion model"
+        raise ValueError(f"samplers: {sampler!r} does not sample {kind}; expected some of {tuple(methods)}")
     return methods[sampler]
 
 
-def check_grid(samplers, nfes, num_samples):
+def check_grid(samplers, nfes, num_samples, consistency_model=False):
     """Validate the grid arguments (a single sampler or NFE is allowed); errors name the argument."""
     samplers = [samplers] if isinstance(samplers, str) else list(samplers)
     nfes = [nfes] if isinstance(nfes, int) else list(nfes)
     if not samplers:
         raise ValueError("samplers: expected at least one of " + ", ".join(SAMPLERS))
     for s in samplers:
-        sampler_method(s)
+        sampler_method(s, consistency_model=consistency_model)
     if not nfes:
         raise ValueError("nfes: expected at least one NFE")
     for n in nfes:
@@ -152,14 +175,14 @@ def check_grid(samplers, nfes, num_samples):
     return samplers, nfes
 
 
-def _draw(fn, loaded, shape, method, nfe, x_T, noise_seed, batch_size, trajectory=False, **kw):
-    """Samples from x_T in batches (the sampler's own noise seeded by ``noise_seed``); with
-    ``trajectory`` also the model inputs [(x_t, t)] concatenated over batches."""
+def _draw(fn, shape, method, nfe, x_T, noise_seed, batch_size, trajectory=False, **kw):
+    """Samples of ``fn(shape, method, nfe, **kw)`` from x_T in batches (the sampler's own noise
+    seeded by ``noise_seed``); with ``trajectory`` also the model inputs [(x_t, t)] concatenated
+    over batches."""
     g = torch.Generator(device=x_T.device).manual_seed(noise_seed)
     outs, steps = [], []
     for chunk in x_T.split(batch_size):
-        out = fn(lambda x, t: loaded.model(x, t), loaded.schedule, (len(chunk), *shape[1:]), method, nfe,
-                 learn_sigma=loaded.learn_sigma, generator=g, device=x_T.device, x_T=chunk,
+        out = fn((len(chunk), *shape[1:]), method, nfe, generator=g, device=x_T.device, x_T=chunk,
                  return_trajectory=trajectory, **kw)
         if trajectory:
             out, path = out
@@ -206,14 +229,15 @@ class _Scorer:
         return scores
 
 
-def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, seed=0, out_dir=None, *,
+def evaluate(checkpoint, samplers=None, nfes=None, num_samples=1000, seed=0, out_dir=None, *,
              es_lambda=ES_LAMBDA, exposure=False, robustness_budget=None, inception=None, feature_cache=None,
              ema=None, batch_size=1000, device="cpu", progress=True, plots=True):
     """Score the EMA model of ``checkpoint`` on every (sampler, NFE) cell; returns one dict per
     cell (checkpoint, mode, step, data, sampler, nfe, num_samples, seed, the metrics, seconds).
 
     samplers: some of 'ddpm', 'ddpm-es' (ddpm with eps / ``es_lambda``), 'ddim' (eta 0),
-    'dpm_solver++'. Every cell starts from the same x_T (drawn from ``seed``) and, for ddpm,
+    'dpm_solver++' (default: all, at the paper's NFEs); for a consistency model 'consistency'
+    (default NFEs 1, 2, 4). Every cell starts from the same x_T (drawn from ``seed``) and, for ddpm,
     the same ancestral noise stream: differences between cells are not sampling noise.
     ``exposure`` adds 'exposure_ratio' (mean over the steps of ``metrics.exposure_bias``'s
     ratio); ``robustness_budget`` adds the primary metric (swd on 2-D data, fd on images) under
@@ -222,13 +246,19 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
     the folder of the cached feature network. With ``out_dir``: results.csv/.md/.json and, with
     ``plots``, one PNG per metric.
     """
-    samplers, nfes = check_grid(samplers, nfes, num_samples)
-    if robustness_budget is not None and not (robustness_budget >= 0 and math.isfinite(robustness_budget)):
-        raise ValueError(f"robustness_budget: expected a finite number >= 0, got {robustness_budget!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     device = resolve_device(device)
     loaded = load_checkpoint(checkpoint, ema, device)
+    if samplers is None:
+        samplers = CM_SAMPLERS if loaded.consistency else SAMPLERS
+    if nfes is None:
+        nfes = CM_NFES if loaded.consistency else PAPER_NFES
+    samplers, nfes = check_grid(samplers, nfes, num_samples, loaded.consistency)
+    if robustness_budget is not None and not (robustness_budget >= 0 and math.isfinite(robustness_budget)):
+        raise ValueError(f"robustness_budget: expected a finite number >= 0, got {robustness_budget!r}")
+    if robustness_budget is not None and loaded.consistency:
+        raise ValueError("robustness_budget: the perturbed-input sampling runs the diffusion samplers only")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if max(nfes) > loaded.schedule.num_timesteps:
         raise ValueError(f"nfes: {max(nfes)} exceeds the checkpoint's {loaded.schedule.num_timesteps} diffusion steps")
     spec = loaded.config["data"]
@@ -239,9 +269,9 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
     rows = []
     cells = [(s, n) for s in samplers for n in nfes]
     for sampler, nfe in tqdm(cells, desc="evaluate", unit="cell", disable=not progress):
-        method, kw = sampler_method(sampler, es_lambda)
+        method, kw = sampler_method(sampler, es_lambda, loaded.consistency)
         start = time.perf_counter()
-        drawn = _draw(sample, loaded, shape, method, nfe, x_T, seed + 1, batch_size, trajectory=exposure, **kw)
+        drawn = _draw(loaded.sample, shape, method, nfe, x_T, seed + 1, batch_size, trajectory=exposure, **kw)
         x, trajectory = drawn if exposure else (drawn, None)
         row = {**base, "sampler": sampler, "nfe": nfe, "num_samples": num_samples, "seed": seed, **scorer(x)}
         if exposure:
@@ -249,7 +279,7 @@ def evaluate(checkpoint, samplers=SAMPLERS, nfes=PAPER_NFES, num_samples=1000, s
             row["exposure_ratio"] = sum(ratios) / len(ratios)
         if robustness_budget is not None:
             for kind in ("random", "adversarial"):
-                xr = _draw(metrics.robustness, loaded, shape, method, nfe, x_T, seed + 1, batch_size,
+                xr = _draw(loaded.robustness, shape, method, nfe, x_T, seed + 1, batch_size,
                            budget=robustness_budget, kind=kind, seed=seed + 2, **kw)
                 row[f"{scorer.primary}_{kind}"] = scorer(xr, primary_only=True)
         row.update(scorer.extra)

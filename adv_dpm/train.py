@@ -1,5 +1,6 @@
 """The trainer: standard training, DDPM-IP, free adversarial training and PGD-style AT of a
-diffusion model (PAPER.md), on one CPU, one GPU or many (torchrun).
+diffusion model, or of a consistency model by distillation or training (PAPER.md), on one CPU,
+one GPU or many (torchrun).
 
 Progress is counted in optimizer updates (``step``): free AT and PGD AT take K replays per
 batch, free AT updating the parameters on every replay, PGD only on the last. The whole
@@ -23,9 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import consistency as cm
 from . import data as datasets
 from .adversarial import AdversarialConfig, Perturbation
 from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
+from .diffusion.losses import split_output
 from .models import build_model
 from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid
 
@@ -50,6 +53,16 @@ class TrainConfig:
     adv_max_norm: float = 0.1            # per-element radius: ||delta|| <= sqrt(d) * adv_max_norm
     adv_target: str = "delta_detach"     # 'delta_detach' | 'delta' | 'original'
     ip_gamma: float = 0.1                # DDPM-IP input perturbation strength
+    objective: str = "diffusion"         # 'diffusion' (epsilon prediction) | 'cd' (consistency distillation of
+                                         # `teacher`) | 'ct' (consistency training); see adv_dpm.consistency
+    teacher: str = ""                    # cd: checkpoint of the diffusion model to distill (its EMA weights); the
+                                         # student takes its architecture and, unless init_from, its weights
+    scales: int = 50                     # cd/ct: N, intervals of the timestep grid 0 = t_0 < ... < t_N (sigma <= 80)
+    teacher_solver: str = "ddim"         # cd: the teacher's ODE step from t_{n+1} to t_n, 'ddim' | 'heun' (2 calls)
+    loss_norm: str = "pseudo_huber"      # cd/ct: distance to the target, 'pseudo_huber' (iCT's) | 'l2' | 'l1'
+    target_ema: float = 0.95             # cd/ct: the target network is this EMA of the online one (0: its weights)
+    adv_cm_target: str = "invariant"     # cd/ct with AT: the target from the clean x_{t_n+1} ('invariant') or
+                                         # recomputed from the perturbed one ('consistent': one more teacher call)
     lr: float = 1e-4                     # AdamW learning rate
     weight_decay: float = 0.0            # AdamW weight decay
     batch_size: int = 64                 # global batch (split over ranks)
@@ -63,7 +76,8 @@ class TrainConfig:
     sample_interval: int = 0             # updates between sample grids (0: only at the end)
     save_interval: int = 500             # updates between checkpoints
     num_samples: int = 64                # images in each sample grid
-    sample_method: str = "ddim"          # sampler of the grids: 'ddpm' | 'ddim' | 'dpm_solver++'
+    sample_method: str = "ddim"          # sampler of the grids: 'ddpm' | 'ddim' | 'dpm_solver++' (consistency
+                                         # models: always multistep consistency sampling)
     sample_steps: int = 20               # NFE of the grids
     tensorboard: bool = True             # also log to <run_dir>/tensorboard when tensorboard is installed
     run_dir: str = "runs/default"        # where the checkpoint, metrics and pictures go; resumes from it
@@ -85,8 +99,33 @@ class TrainConfig:
             raise ValueError(f"sample_method must be one of {METHODS}, got {self.sample_method!r}")
         if self.init_ema not in INIT_EMA:
             raise ValueError(f"init_ema must be one of {INIT_EMA}, got {self.init_ema!r}")
+        self._check_consistency()
         self.ema_rates()
         self.adversarial()
+
+    def _check_consistency(self):
+        choices = {"objective": cm.OBJECTIVES, "teacher_solver": cm.SOLVERS, "loss_norm": cm.LOSS_NORMS,
+                   "adv_cm_target": cm.AT_TARGETS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.objective == "diffusion":
+            return
+        cm.timestep_grid(Schedule.named(self.noise_schedule, self.diffusion_steps), self.scales)
+        if not 0 <= self.target_ema < 1:
+            raise ValueError(f"target_ema must be in [0, 1), got {self.target_ema!r}")
+        if (self.objective == "cd") != bool(self.teacher):
+            raise ValueError("teacher: objective 'cd' distills the checkpoint named by teacher, and only 'cd' takes "
+                             f"one; got objective={self.objective!r}, teacher={self.teacher!r}")
+        if self.mode == "ip":
+            raise ValueError(f"mode 'ip' (DDPM-IP) is a diffusion-training baseline; objective {self.objective!r} "
+                             "takes 'standard', 'free_at' or 'pgd_at'")
+        if self.schedule_sampler != "uniform":
+            raise ValueError(f"schedule_sampler must be 'uniform' with objective {self.objective!r} (the grid "
+                             f"interval is drawn uniformly), got {self.schedule_sampler!r}")
+        if self.sample_steps > self.scales:
+            raise ValueError(f"sample_steps ({self.sample_steps}) must be <= scales ({self.scales}): a consistency "
+                             "model is sampled on its timestep grid")
 
     def ema_rates(self):
         try:
@@ -159,18 +198,26 @@ class Trainer:
         self.data = datasets.load_dataset(config.data)
         self.batches = datasets.BatchIterator(self.data, config.batch_size // self.world, config.seed, self.rank,
                                               self.world)
-        self.model = build_model(config.model, **self._shape_overrides()).to(self.device)
+        self.teacher = self._load_teacher() if config.objective == "cd" else None
+        self.model = (build_model(self.teacher.model.config, **config.model_overrides) if self.teacher is not None else
+                      build_model(config.model, **self._shape_overrides())).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.learn_sigma = self.model.config.get("learn_sigma", False)
         self.schedule = Schedule.named(config.noise_schedule, config.diffusion_steps)
         self.timesteps = create_timestep_sampler(config.schedule_sampler, config.diffusion_steps)
+        self.consistency = config.objective != "diffusion"
+        if self.consistency:
+            self.grid = cm.timestep_grid(self.schedule, config.scales)
         # torch's fused AdamW (one kernel over all parameters): on a 2-core CPU its step took a
         # quarter of the per-tensor loop's time.
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda") or None)
-        self.emas = {rate: [p.detach().clone() for p in self.params] for rate in config.ema_rates()}
+        rates = config.ema_rates() + ([config.target_ema] if self.consistency else [])
+        self.emas = {rate: [p.detach().clone() for p in self.params] for rate in rates}
+        if self.consistency:   # the target network: the model's modules with these weights
+            self.target_params = dict(zip([n for n, _ in self.model.named_parameters()], self.emas[config.target_ema]))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.noise = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.step = 0
@@ -179,10 +226,18 @@ class Trainer:
                                                                else [self.device.index])
                     if self.world > 1 else self.model)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
-        if not self._resume() and config.init_from:
-            self._init_from(config.init_from)
+        if not self._resume():
+            if config.init_from:
+                self._init_from(config.init_from)
+            elif self.teacher is not None:
+                self._init_from_teacher()
 
     # -- set-up ---------------------------------------------------------------------------------
+    @property
+    def name(self):
+        """What is trained how, e.g. 'free_at' or 'cd free_at'."""
+        return self.cfg.mode if not self.consistency else f"{self.cfg.objective} {self.cfg.mode}"
+
     def _shape_overrides(self):
         x = self.data.x
         if x.dim() == 2:
@@ -257,12 +312,42 @@ class Trainer:
             if kept != lines:
                 atomic_write(path, "".join(kept) if len(kept) > len(header) else "")
 
+    def _load_teacher(self):
+        """The EMA model of the ``teacher`` checkpoint (frozen), checked against this run's data and schedule."""
+        from .evaluate import load_checkpoint, sample_shape
+        teacher = load_checkpoint(self.cfg.teacher, device=self.device)
+        if teacher.config.get("objective", "diffusion") != "diffusion":
+            raise ValueError(f"teacher: {self.cfg.teacher} holds a consistency model; distill a diffusion model")
+        for name in ("noise_schedule", "diffusion_steps"):
+            if teacher.config[name] != getattr(self.cfg, name):
+                raise ValueError(f"teacher: {self.cfg.teacher} was trained with {name}={teacher.config[name]!r}; "
+                                 f"distill it with the same (this run has {getattr(self.cfg, name)!r})")
+        if tuple(sample_shape(teacher)) != tuple(self.data.x.shape[1:]):
+            raise ValueError(f"teacher: {self.cfg.teacher} models samples of shape {tuple(sample_shape(teacher))}, "
+                             f"the data {self.cfg.data!r} has {tuple(self.data.x.shape[1:])}")
+        teacher.model.requires_grad_(False)
+        if self.cfg.channels_last:
+            teacher.model.to(memory_format=torch.channels_last)
+        return teacher
+
+    def _init_from_teacher(self):
+        """Consistency distillation starts the student, its EMAs and its target at the teacher."""
+        with torch.no_grad():
+            for p, q in zip(self.params, self.teacher.model.parameters()):
+                p.copy_(q)
+            for ema in self.emas.values():
+                torch._foreach_copy_(ema, self.params)
+        self.log(f"initialized the student from the teacher {self.cfg.teacher} (step {self.teacher.step})")
+
     def _init_from(self, path):
         """Fine-tuning as the paper's protocol: weights from ``path``, fresh optimizer; the EMAs
-        from its EMAs of the same rates (``init_ema='checkpoint'``) or from the weights."""
+        from its EMAs of the same rates (``init_ema='checkpoint'``) or from the weights; a
+        consistency model's target network from the weights."""
         state = read_checkpoint(path, self.device)
         self.model.load_state_dict(state["model"])
         saved = {float(r): e for r, e in state.get("ema", {}).items()} if self.cfg.init_ema == "checkpoint" else {}
+        if self.consistency:
+            saved.pop(self.cfg.target_ema, None)
         for rate, params in self.emas.items():
             for e, p in zip(params, saved.get(rate, self.params)):
                 e.copy_(p.detach())
@@ -280,13 +365,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _micro_batches(self):
-        """The batch as micro-batches: each a dict with x0, y, t, weights, eps, the clean x_t and c_noise."""
+        """The batch as micro-batches: each a dict with x0, y, t, weights, eps, the clean x_t and c_noise
+        (consistency models: also the grid's next timestep s < t and x_s, one ODE step from x_t)."""
         x0, y = next(self.batches)
         x0 = x0.to(self.device)
         if self.cfg.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = None if y is None or not self.model.config.get("num_classes") else y.to(self.device)
-        t_cpu, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
+        if self.consistency:   # an interval n of the grid, uniformly: t = t_{n+1}, s = t_n
+            n = torch.randint(len(self.grid) - 1, (x0.shape[0],), generator=self.noise)
+            t_cpu, s, weights = self.grid[n + 1], self.grid[n].to(self.device), torch.ones(x0.shape[0])
+        else:
+            t_cpu, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
         eps = torch.randn(x0.shape, generator=self.noise).to(self.device, memory_format=torch.preserve_format)
         t, weights = t_cpu.to(self.device), weights.to(self.device)
         size = self.cfg.microbatch or x0.shape[0]
@@ -301,9 +391,35 @@ class Trainer:
                 xi = torch.randn(m["x0"].shape, generator=self.noise).to(self.device)
                 delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
                 m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"], delta, "original")
-            m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial())
+            if self.consistency:   # the perturbation moves the input only; the target follows from x_s
+                m["s"] = s[part]
+                m["x_s"] = self._ode_step(m, m["x_t"])
+                m["perturbation"] = Perturbation(m["x_t"], None, None, self.cfg.adversarial())
+            else:
+                m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial())
             micro.append(m)
         return micro
+
+    @torch.no_grad()
+    def _ode_step(self, m, x):
+        """x at timestep t moved to s by the teacher's ODE step (cd) or by the noise eps (ct)."""
+        if self.teacher is None:
+            return cm.ode_step(lambda x, t: m["eps"], self.schedule, x, m["t"], m["s"])
+
+        def teacher_eps(x, t):
+            with self._autocast():
+                out = self.teacher.model(x, t, m["y"])
+            return split_output(out.float(), x, self.teacher.learn_sigma)[0]
+        return cm.ode_step(teacher_eps, self.schedule, x, m["t"], m["s"], self.cfg.teacher_solver)
+
+    def _consistency_loss(self, m, x_in, out):
+        """Per-sample distance of the online f(x_in, t) to the target network's f(x_s, s)."""
+        with torch.no_grad():
+            with self._autocast():
+                target = torch.func.functional_call(self.model, self.target_params, (m["x_s"], m["s"], m["y"]))
+            target = cm.consistency_fn(self.schedule, target.float(), m["x_s"], m["s"], self.learn_sigma)
+        online = cm.consistency_fn(self.schedule, out.float(), x_in, m["t"], self.learn_sigma)
+        return cm.distance(online, target, self.cfg.loss_norm)
 
     def _replay(self, micro, update_parameters):
         """One forward/backward over the batch; returns the per-sample losses (detached)."""
@@ -314,16 +430,22 @@ class Trainer:
             context = self.ddp.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
             with context, self._autocast():
                 out = self.forward(x_in, m["t"], m["y"])
-            terms = diffusion_loss(self.schedule, out.float(), x_in, m["x0"], m["t"], target, self.learn_sigma)
-            loss = (terms["loss"] * m["w"]).mean() * m["share"]
+            if self.consistency:
+                per_sample = self._consistency_loss(m, x_in, out)
+            else:
+                per_sample = diffusion_loss(self.schedule, out.float(), x_in, m["x0"], m["t"], target,
+                                            self.learn_sigma)["loss"]
+            loss = (per_sample * m["w"]).mean() * m["share"]
             if update_parameters:
                 self.scaler.scale(loss).backward()
             else:   # PGD ascent step: input gradients only, parameters untouched
-                wanted = [x_in] + ([target] if target.requires_grad else [])
-                grads = torch.autograd.grad(self.scaler.scale(loss), wanted)
-                x_in.grad, target.grad = grads[0], grads[1] if len(grads) > 1 else None
+                shifted = target is not None and target.requires_grad
+                grads = torch.autograd.grad(self.scaler.scale(loss), [x_in] + ([target] if shifted else []))
+                x_in.grad = grads[0]
+                if shifted:
+                    target.grad = grads[1]
             m["inputs"] = (x_in, target)
-            losses.append(terms["loss"].detach())
+            losses.append(per_sample.detach())
         return torch.cat(losses)
 
     def _optimizer_step(self, grad_scale):
@@ -342,6 +464,8 @@ class Trainer:
     def _update_perturbations(self, micro, grad_scale):
         for m in micro:
             m["perturbation"].update(*m["inputs"], grad_scale=grad_scale)
+            if self.consistency and self.cfg.adv_cm_target == "consistent":
+                m["x_s"] = self._ode_step(m, m["perturbation"].x_in)
 
     def _record_losses(self, t, losses):
         """All ranks' per-sample losses to a timestep sampler that learns from them (no device
@@ -387,7 +511,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             self._drop_metrics_after(self.step)
         self.tb = self._tensorboard()
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=cfg.mode, unit="update")
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=self.name, unit="update")
         window, start, last_save = [], time.perf_counter(), self.step
         def crossed(interval, before):   # did the last batch's updates pass a multiple of interval?
             return interval and self.step // interval != before // interval
@@ -479,8 +603,12 @@ class Trainer:
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         x_T = torch.randn((self.cfg.num_samples, *self.data.x.shape[1:]), generator=g).to(self.device)
         with torch.no_grad():
-            x = sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_method,
-                       self.cfg.sample_steps, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
+            if self.consistency:
+                x = cm.sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_steps,
+                              scales=self.cfg.scales, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
+            else:
+                x = sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_method,
+                           self.cfg.sample_steps, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
         path = self.run_dir / f"samples_{self.step:07d}.png"
         save_image_grid(x, path)
         return path
@@ -499,7 +627,7 @@ class Trainer:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 20 else None)
-        ax.set(xlabel="optimizer update", ylabel="training loss", title=f"{self.cfg.mode} on {self.cfg.data}")
+        ax.set(xlabel="optimizer update", ylabel="training loss", title=f"{self.name} on {self.cfg.data}")
         ax.set_yscale("log")
         fig.tight_layout()
         fig.savefig(self.run_dir / "loss.png", dpi=120)
