@@ -22,7 +22,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion.losses import mean_flat, split_output
+from .diffusion.losses import mean_flat, predict_xstart, split_output
 from .diffusion.schedule import extract
 
 OBJECTIVES = ("diffusion", "cd", "ct")
@@ -55,8 +55,7 @@ def consistency_fn(schedule, model_output, x, t, learn_sigma):
     """f(x, t) from the network's output on x (its epsilon half with ``learn_sigma``)."""
     eps, _ = split_output(model_output, x, learn_sigma)
     x = x.to(eps.dtype)
-    x0 = extract(schedule.sqrt_recip_alphas_cumprod, t, x) * x - extract(schedule.sqrt_recipm1_alphas_cumprod, t,
-                                                                         x) * eps
+    x0 = predict_xstart(schedule, x, t, eps)
     c_skip, c_out = (c.to(x.device, x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for c in
                      boundary_coefficients(t, schedule.num_timesteps))
     return c_skip * x + c_out * x0
