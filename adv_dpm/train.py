@@ -214,10 +214,6 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda") or None)
-        rates = config.ema_rates() + ([config.target_ema] if self.consistency else [])
-        self.emas = {rate: [p.detach().clone() for p in self.params] for rate in rates}
-        if self.consistency:   # the target network: the model's modules with these weights
-            self.target_params = dict(zip([n for n, _ in self.model.named_parameters()], self.emas[config.target_ema]))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.noise = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.step = 0
@@ -226,6 +222,11 @@ class Trainer:
                                                                else [self.device.index])
                     if self.world > 1 else self.model)
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        # after DDP's broadcast of rank 0's weights: every rank's EMAs start from the same weights
+        rates = config.ema_rates() + ([config.target_ema] if self.consistency else [])
+        self.emas = {rate: [p.detach().clone() for p in self.params] for rate in rates}
+        if self.consistency:   # the target network: the model's modules with these weights
+            self.target_params = dict(zip([n for n, _ in self.model.named_parameters()], self.emas[config.target_ema]))
         if not self._resume():
             if config.init_from:
                 self._init_from(config.init_from)

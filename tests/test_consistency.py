@@ -235,7 +235,7 @@ def test_evaluate_samples_a_consistency_model_with_its_sampler(tmp_path, teacher
     run = train(config(tmp_path, objective="ct", mode="free_at", total_steps=3))
     rows = evaluate(run / "checkpoint.pt", num_samples=16, exposure=True, progress=False)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("consistency", n) for n in (1, 2, 4)]
-    assert all(math.isfinite(r["swd"]) and r["mode"] == "free_at" for r in rows)
+    assert all(math.isfinite(r["swd"]) and r["mode"] == "ct free_at" for r in rows)
     assert all(math.isfinite(r["exposure_ratio"]) for r in rows[1:])
     with pytest.raises(ValueError, match="samplers: 'ddim' does not sample a consistency model"):
         evaluate(run / "checkpoint.pt", samplers=["ddim"], num_samples=16, progress=False)

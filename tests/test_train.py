@@ -257,23 +257,27 @@ def test_bad_settings_are_named(tmp_path):
         config(tmp_path, ema_rate="1.5")
 
 
-def _ddp_worker(rank, world, port, run_dir, out):
+def _ddp_worker(rank, world, port, run_dir, out, objective):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = Trainer(TrainConfig(**{**TOY, "run_dir": run_dir, "mode": "free_at", "batch_size": 16}))
+    trainer = Trainer(TrainConfig(**{**TOY, "run_dir": run_dir, "mode": "free_at", "batch_size": 16,
+                                     "objective": objective, "scales": 10}))
     trainer.train_batch()
-    torch.save([p.detach() for p in trainer.model.parameters()], f"{out}/rank{rank}.pt")
+    torch.save([p.detach() for e in trainer.emas.values() for p in [*trainer.params, *e]], f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_cpu_processes_keep_the_replicas_in_sync(tmp_path):
+@pytest.mark.parametrize("objective", ["diffusion", "ct"])
+def test_ddp_two_cpu_processes_keep_the_replicas_in_sync(tmp_path, objective):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path), objective),
+                                nprocs=2)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(a) == len(b) > 0
     for p, q in zip(a, b):
         assert torch.equal(p, q)   # each rank saw different data: equal only if gradients were all-reduced
 
