@@ -1,10 +1,13 @@
 """Time per optimizer update of standard training, free AT and PGD AT (K=3), with the fused ops
 and with plain PyTorch ops (the reference backend), for the same model and batch, side by side.
 
-    python benches/bench_train.py [--device cpu|cuda] [--model digits-tiny] [--batch 64] [--out DIR]
+    python benches/bench_train.py [--device cpu|cuda] [--model digits-tiny] [--batch 64]
+                                  [--objective diffusion|cd|ct] [--out DIR]
 
 Free AT should cost about what standard training costs per update (its perturbation is
 free); PGD AT about K times as much. On CUDA the default is the paper's CIFAR-10 model in bf16.
+``--objective cd|ct`` times consistency distillation (from a teacher of the same architecture)
+or consistency training instead, written as bench_train_<objective>-*.
 """
 import argparse
 import statistics
@@ -21,7 +24,7 @@ import common  # noqa: E402
 from adv_dpm.ops import use_backend  # noqa: E402
 from adv_dpm.train import TrainConfig, Trainer  # noqa: E402
 
-COLUMNS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("ops", "ops", "{}"),
+COLUMNS = [("model", "model", "{}"), ("objective", "objective", "{}"), ("mode", "mode", "{}"), ("ops", "ops", "{}"),
            ("ms_per_update", "ms / update", "{:.2f}"), ("gpu_busy_ms", "GPU busy ms", "{:.2f}"),
            ("vs_standard", "x standard", "{:.3f}"),
            ("fused_speedup", "fused speed-up", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}")]
@@ -68,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=None, help="batches per timing")
     parser.add_argument("--repeats", type=int, default=None, help="timings per case (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--objective", default="diffusion", choices=["diffusion", "cd", "ct"])
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
     if args.threads:
@@ -80,19 +84,25 @@ def main(argv=None):
     batches = args.batches or (4 if gpu else 6)
     args.repeats = args.repeats or 5
     meta = common.machine(args.device)
-    print(f"# training step on {meta['device']}: {model}, batch {batch}, {precision}; medians of {args.repeats}\n")
+    print(f"# training step on {meta['device']}: {model} ({args.objective}), batch {batch}, {precision}; "
+          f"medians of {args.repeats}\n")
     columns = common.device_columns(COLUMNS, args.device)
     print(common.markdown_table([], columns))
 
     def fill(rows):
         with tempfile.TemporaryDirectory() as tmp:
+            settings = dict(data=data, model=model, adv_steps=3, batch_size=batch, precision=precision,
+                            device=args.device, channels_last=gpu)
+            if args.objective == "cd":   # a teacher of the same architecture (its weights do not change the time)
+                Trainer(TrainConfig(**settings, mode="standard", run_dir=f"{tmp}/teacher")).save()
+                settings.update(objective="cd", teacher=f"{tmp}/teacher/checkpoint.pt")
+            elif args.objective == "ct":
+                settings.update(objective="ct")
             for mode in ("standard", "free_at", "pgd_at"):
                 trainers = {}
                 for ops, backend in OPS.items():
                     torch.manual_seed(0)
-                    cfg = TrainConfig(data=data, model=model, mode=mode, adv_steps=3, batch_size=batch,
-                                      precision=precision, device=args.device, run_dir=f"{tmp}/{ops}-{mode}",
-                                      channels_last=gpu)
+                    cfg = TrainConfig(**settings, mode=mode, run_dir=f"{tmp}/{ops}-{mode}")
                     with use_backend(backend):
                         trainers[ops] = Trainer(cfg)
                         for _ in range(2):  # warm-up: allocator, cuDNN algorithm choice
@@ -108,7 +118,8 @@ def main(argv=None):
                         peak = common.peak_memory(trainers[ops].train_batch, args.device)
                         busy = gpu_busy_per_update(trainers[ops])
                     sec = statistics.median(samples[ops])
-                    rows.append(dict(model=model, mode=mode, ops=ops, ms_per_update=sec * 1e3,
+                    rows.append(dict(model=model, objective=args.objective, mode=mode, ops=ops,
+                                     ms_per_update=sec * 1e3,
                                      gpu_busy_ms=None if busy is None else busy * 1e3,
                                      peak_mib=None if peak is None else peak / 2**20))
                     print(f"{ops} {mode}: {sec * 1e3:.2f} ms / update", flush=True)
@@ -121,7 +132,8 @@ def main(argv=None):
         row["vs_standard"] = standard and row["ms_per_update"] / standard
         row["fused_speedup"] = plain and plain / row["ms_per_update"]
     print(common.markdown_table(rows, columns), flush=True)
-    path = common.save("bench_train", meta, rows, columns, args.out)
+    name = "bench_train" if args.objective == "diffusion" else f"bench_train_{args.objective}"
+    path = common.save(name, meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 
 
