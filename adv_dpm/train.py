@@ -61,7 +61,7 @@ class TrainConfig:
     teacher_solver: str = "ddim"         # cd: the teacher's ODE step from t_{n+1} to t_n, 'ddim' | 'heun' (2 calls)
     loss_norm: str = "pseudo_huber"      # cd/ct: distance to the target, 'pseudo_huber' (iCT's) | 'l2' | 'l1'
     target_ema: float = 0.95             # cd/ct: the target network is this EMA of the online one (0: its weights)
-    adv_cm_target: str = "invariant"     # cd/ct with AT: the target from the clean x_{t_n+1} ('invariant') or
+    adv_cm_target: str = "invariant"     # cd/ct with AT: the target from the clean x_{t_{n+1}} ('invariant') or
                                          # recomputed from the perturbed one ('consistent': one more teacher call)
     lr: float = 1e-4                     # AdamW learning rate
     weight_decay: float = 0.0            # AdamW weight decay

@@ -281,3 +281,13 @@ def test_a_teacher_must_match_the_run(tmp_path, teacher):
     student = train(config(tmp_path / "ct", objective="ct", mode="standard", total_steps=1))
     with pytest.raises(ValueError, match="teacher: .* holds a consistency model"):
         Trainer(config(tmp_path, objective="cd", teacher=str(student / "checkpoint.pt")))
+
+
+def test_the_sample_grid_of_an_image_model_uses_consistency_sampling(tmp_path, monkeypatch):
+    calls = []
+    original = cm.sample
+    monkeypatch.setattr(cm, "sample", lambda *a, **kw: calls.append(a[3]) or original(*a, **kw))
+    run = train(TrainConfig(data="digits", model="digits-tiny", objective="ct", mode="free_at", batch_size=8,
+                            total_steps=3, num_samples=4, sample_steps=2, run_dir=str(tmp_path / "run")))
+    assert calls == [2]
+    assert (run / "samples_0000003.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
