@@ -209,7 +209,7 @@ def test_distillation_starts_at_the_teacher_and_its_first_loss_is_its_own_incons
 @pytest.mark.parametrize("mode, updates", [("standard", 1), ("free_at", 3), ("pgd_at", 1)])
 def test_updates_per_batch(tmp_path, teacher, mode, updates):
     trainer = Trainer(config(tmp_path, objective="cd", teacher=teacher, mode=mode, teacher_solver="heun",
-                             loss_norm="l2", adv_cm_target="consistent"))
+                             loss_norm="l2", adv_cm_target="consistent", microbatch=8))
     before = [p.detach().clone() for p in trainer.params]
     loss, skipped = trainer.train_batch()
     assert trainer.step == updates and math.isfinite(loss) and skipped == 0
