@@ -5,7 +5,8 @@ and with plain PyTorch ops (the reference backend), for the same model and batch
                                   [--objective diffusion|cd|ct] [--out DIR]
 
 Free AT should cost about what standard training costs per update (its perturbation is
-free); PGD AT about K times as much. On CUDA the default is the paper's CIFAR-10 model in bf16.
+free); PGD AT about K times as much. Each mode is timed in rounds alternating with standard
+training, fused with plain ops; "x standard" is the median of the rounds' ratios. On CUDA the default is the paper's CIFAR-10 model in bf16.
 ``--objective cd|ct`` times consistency distillation (from a teacher of the same architecture)
 or consistency training instead, written as bench_train_<objective>-*.
 """
@@ -98,38 +99,46 @@ def main(argv=None):
                 settings.update(objective="cd", teacher=f"{tmp}/teacher/checkpoint.pt")
             elif args.objective == "ct":
                 settings.update(objective="ct")
-            for mode in ("standard", "free_at", "pgd_at"):
+            def build(mode):
                 trainers = {}
                 for ops, backend in OPS.items():
                     torch.manual_seed(0)
-                    cfg = TrainConfig(**settings, mode=mode, run_dir=f"{tmp}/{ops}-{mode}")
                     with use_backend(backend):
-                        trainers[ops] = Trainer(cfg)
+                        trainers[ops] = Trainer(TrainConfig(**settings, mode=mode, run_dir=f"{tmp}/{ops}-{mode}"))
                         for _ in range(2):  # warm-up: allocator, cuDNN algorithm choice
                             trainers[ops].train_batch()
-                # Fused and plain alternate, so a drift of the machine's speed hits both alike.
-                samples = {ops: [] for ops in OPS}
+                return trainers
+
+            standard = build("standard")
+            for mode in ("standard", "free_at", "pgd_at"):
+                trainers = standard if mode == "standard" else build(mode)
+                # Each mode alternates with standard training, fused with plain, so a drift of the
+                # machine's speed hits all alike; x standard is the median of the rounds' ratios.
+                cases = {(m, ops): t for m, ts in {"standard": standard, mode: trainers}.items()
+                         for ops, t in ts.items()}
+                samples = {case: [] for case in cases}
                 for _ in range(args.repeats):
-                    for ops, backend in OPS.items():
-                        with use_backend(backend):
-                            samples[ops].append(seconds_per_update(trainers[ops], batches))
+                    for (m, ops), trainer in cases.items():
+                        with use_backend(OPS[ops]):
+                            samples[(m, ops)].append(seconds_per_update(trainer, batches))
                 for ops, backend in OPS.items():
                     with use_backend(backend):
                         peak = common.peak_memory(trainers[ops].train_batch, args.device)
                         busy = gpu_busy_per_update(trainers[ops])
-                    sec = statistics.median(samples[ops])
+                    sec = statistics.median(samples[(mode, ops)])
+                    ratio = statistics.median(a / b for a, b in zip(samples[(mode, ops)], samples[("standard", ops)]))
                     rows.append(dict(model=model, objective=args.objective, mode=mode, ops=ops,
-                                     ms_per_update=sec * 1e3,
+                                     ms_per_update=sec * 1e3, vs_standard=ratio,
                                      gpu_busy_ms=None if busy is None else busy * 1e3,
                                      peak_mib=None if peak is None else peak / 2**20))
-                    print(f"{ops} {mode}: {sec * 1e3:.2f} ms / update", flush=True)
-                del trainers
+                    print(f"{ops} {mode}: {sec * 1e3:.2f} ms / update, {ratio:.3f}x standard", flush=True)
+                if mode != "standard":
+                    del trainers
 
     rows = common.measure(fill, meta)
     time_of = {(r["ops"], r["mode"]): r["ms_per_update"] for r in rows}
     for row in rows:
-        standard, plain = time_of.get((row["ops"], "standard")), time_of.get(("plain", row["mode"]))
-        row["vs_standard"] = standard and row["ms_per_update"] / standard
+        plain = time_of.get(("plain", row["mode"]))
         row["fused_speedup"] = plain and plain / row["ms_per_update"]
     print(common.markdown_table(rows, columns), flush=True)
     name = "bench_train" if args.objective == "diffusion" else f"bench_train_{args.objective}"
