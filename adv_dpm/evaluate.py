@@ -74,9 +74,9 @@ def plot_vs_nfe(panels, path, ylabel, title=""):
         for label, points in lines.items():
             points = sorted(points)
             nfe = [p[0] for p in points]
-            ax.plot(nfe, [p[1] for p in points], marker="o", markersize=3, label=label)
+            line, = ax.plot(nfe, [p[1] for p in points], marker="o", markersize=3, label=label)
             if all(p[2] is not None and not math.isnan(p[2]) for p in points):
-                ax.fill_between(nfe, [p[2] for p in points], [p[3] for p in points], alpha=0.2)
+                ax.fill_between(nfe, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
         ax.set_xticks(sorted({p[0] for pts in lines.values() for p in pts}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
