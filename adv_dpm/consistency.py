@@ -22,7 +22,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion.losses import mean_flat, predict_xstart, split_output
+from .diffusion.losses import mean_flat, predict_xstart, q_sample, split_output
 from .diffusion.schedule import extract
 
 OBJECTIVES = ("diffusion", "cd", "ct")
@@ -115,8 +115,7 @@ def sample(model_fn, schedule, shape, steps, *, scales, learn_sigma, clip_denois
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
         if i:
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t,
-                                                                            x0) * z
+            x = q_sample(schedule, x0, t, z)[0]
         if return_trajectory:
             trajectory.append((x, step))
         x0 = consistency_fn(schedule, model_fn(x, t), x, t, learn_sigma)
