@@ -599,17 +599,12 @@ class Trainer:
         """cfg.num_samples samples of the EMA model to <run_dir>/samples_<step>.png (rank 0)."""
         if self.rank != 0 or self.data.x.dim() != 4:
             return None
-        from .diffusion import sample
-        model = self.ema_model()
+        from .evaluate import Loaded   # the sampling a checkpoint gets: diffusion or consistency
+        loaded = Loaded(self.ema_model(), self.schedule, dataclasses.asdict(self.cfg), self.learn_sigma, self.step)
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         x_T = torch.randn((self.cfg.num_samples, *self.data.x.shape[1:]), generator=g).to(self.device)
         with torch.no_grad():
-            if self.consistency:
-                x = cm.sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_steps,
-                              scales=self.cfg.scales, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
-            else:
-                x = sample(lambda x, t: model(x, t), self.schedule, x_T.shape, self.cfg.sample_method,
-                           self.cfg.sample_steps, learn_sigma=self.learn_sigma, device=self.device, x_T=x_T)
+            x = loaded.sample(x_T.shape, self.cfg.sample_method, self.cfg.sample_steps, device=self.device, x_T=x_T)
         path = self.run_dir / f"samples_{self.step:07d}.png"
         save_image_grid(x, path)
         return path
