@@ -13,10 +13,11 @@ demo: build
 test: build
 	ADV_DPM_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest -q
 
-# The paper's protocol at laptop scale (docs/RESULTS.md): PRESET=smoke|quick|full.
+# The paper's protocols at laptop scale (docs/RESULTS.md): PROTOCOL=dpm|cm, PRESET=smoke|quick|full.
+PROTOCOL ?= dpm
 PRESET ?= quick
 reproduce: build
-	$(PY) -m adv_dpm.cli reproduce --preset $(PRESET) --out runs/reproduce-$(PRESET)
+	$(PY) -m adv_dpm.cli reproduce --protocol $(PROTOCOL) --preset $(PRESET)
 
 bench: build
 	$(PY) benches/bench_ops.py

@@ -154,9 +154,10 @@ def evaluate(args):
 
 
 def reproduce(args):
-    """The paper's protocol at laptop scale (pretrain, four fine-tunes, grid evaluation, report); resumable."""
+    """The paper's protocols at laptop scale (pretrain, fine-tunes per seed, grid evaluation, report); resumable."""
     from .reproduce import reproduce as run
-    result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv))
+    result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv),
+                 protocol=args.protocol)
     print(f"report: {result['report']}")
 
 
@@ -216,9 +217,13 @@ def main(argv=None):
     p.set_defaults(run=evaluate)
 
     p = sub.add_parser("reproduce", help=reproduce.__doc__, description=reproduce.__doc__)
+    p.add_argument("--protocol", default="dpm", choices=["dpm", "cm"],
+                   help="'dpm': diffusion fine-tunes (standard, DDPM-IP, free AT, PGD AT) and the four diffusion "
+                   "samplers; 'cm': consistency distillation and training without and with free AT")
     p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
     p.add_argument("--data", default="both", choices=["toy", "digits", "both"])
-    p.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>); rerun to resume")
+    p.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>, for 'cm' "
+                   "runs/reproduce-cm-<preset>); rerun to resume")
     p.add_argument("--nfes", type=_int_list, default=None, help="comma-separated NFEs (default: the preset's)")
     p.set_defaults(run=reproduce)
 

@@ -1,16 +1,21 @@
-"""The paper's protocol at laptop scale, in one resumable command (``adv-dpm reproduce``).
+"""The paper's protocols at laptop scale, in one resumable command (``adv-dpm reproduce``).
 
 For each data set (2-D 'rings' with the MLP, the bundled 8x8 digits with the small UNet):
-  (a) pretrain a standard model (once; as the paper fine-tunes one standard checkpoint);
-  (b) for each seed, fine-tune it (``init_from``: weights only, fresh optimizer) for the same number of
-      optimizer updates in four ways: standard, DDPM-IP (gamma 0.1), free AT and PGD AT
-      (PAPER.md defaults: K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach). Free AT
-      takes K updates per batch, so it sees 1/K as many batches; PGD AT one update per K passes;
-  (c) evaluate each fine-tuned EMA model with DDPM, DDPM-ES, DDIM and DPM-Solver++ at the
-      paper's NFEs (``adv_dpm.evaluate``), from the same initial noise for the four methods;
-  (d) aggregate over seeds (mean, 95% t interval) and compare free AT with standard training,
-      DDPM-IP and ES by a paired t test over seeds (the four fine-tunes of a seed share the
-      pretrained weights, the batch order, the noise draws and the evaluation noise).
+  (a) pretrain a standard diffusion model (once; as the paper fine-tunes one standard checkpoint);
+  (b) for each seed, fine-tune it for the same number of optimizer updates in each of the protocol's
+      ways. Protocol 'dpm' (ADM-AT): standard, DDPM-IP (gamma 0.1), free AT and PGD AT (PAPER.md
+      defaults: K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT takes K updates per
+      batch, so it sees 1/K as many batches; PGD AT one update per K passes), each from the weights
+      (``init_from``, fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the
+      pretrained model (the student starts as its teacher) without AT, with free AT and the
+      'invariant' target and with the 'consistent' target, and consistency training from its
+      weights without and with free AT;
+  (c) evaluate each fine-tuned EMA model over the protocol's samplers and NFEs (``adv_dpm.evaluate``;
+      'dpm': DDPM, DDPM-ES, DDIM and DPM-Solver++ at the paper's NFEs; 'cm': multistep consistency
+      sampling at NFE 1, 2, 4), from the same initial noise for every method;
+  (d) aggregate over seeds (mean, 95% t interval) and compare each AT method with its baselines by a
+      paired t test over seeds (the fine-tunes of a seed share the pretrained weights, the batch
+      order, the noise draws and the evaluation noise).
 
 Everything lands in the output folder: report.md, results.csv (one row per seed and cell),
 summary.csv (means and intervals), comparisons.csv, results.json, plots/*.png. Every training
@@ -30,56 +35,152 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .evaluate import PRIMARY, SAMPLERS, evaluate, fmt, markdown_table, metric_columns, plot_vs_nfe, write_csv, write_json
+from .evaluate import (CM_NFES, CM_SAMPLERS, PAPER_NFES, PRIMARY, SAMPLERS, evaluate, fmt, markdown_table,
+                       metric_columns, plot_vs_nfe, write_csv, write_json)
 from .train import TrainConfig, train
 from .utils import atomic_write, cpu_name
 
-METHODS = {   # fine-tuning variants: name -> (label, TrainConfig settings)
-    "standard": ("standard", dict(mode="standard")),
-    "ip": ("DDPM-IP", dict(mode="ip", ip_gamma=0.1)),
-    "free_at": ("free AT", dict(mode="free_at", adv_steps=3, adv_lr=0.1, adv_max_norm=0.1, adv_target="delta_detach")),
-    "pgd_at": ("PGD AT", dict(mode="pgd_at", adv_steps=3, adv_lr=0.1, adv_max_norm=0.1, adv_target="delta_detach")),
-}
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """What a protocol fine-tunes from each data set's pretrained model, how it samples the results,
+    which pairs it compares and at which budgets."""
+    question: str      # the report's headline
+    methods: dict      # name -> (label, TrainConfig settings): the fine-tunes of every seed
+    comparisons: tuple  # (AT method, baseline method, baseline label, {sampler: baseline's sampler} or None: same)
+    samplers: tuple    # the first is the one of the headline statements
+    presets: dict      # name -> seeds, nfes and per data set the budgets (TrainConfig settings of the
+                       # pretraining and, under 'finetune', of the fine-tunes where they differ)
+    text: str          # the report's protocol section
+
+
+AT = dict(adv_steps=3, adv_lr=0.1, adv_max_norm=0.1)   # PAPER.md's defaults
 DATA = {   # the model and optimizer of each data set; presets set the budgets
     "toy": dict(data="toy:rings", model="toy2d", model_overrides={"hidden": 128, "depth": 3}, lr=1e-3),
     "digits": dict(data="digits", model="digits-tiny", lr=1e-3),
-}
-# Budgets per data set, sized from speeds measured on a 2-core CPU (2 torch threads): digits-tiny at batch 64
-# takes 53 / 58 / 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one
-# grid evaluation (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end:
-# smoke about 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75).
-PRESETS = {
-    "smoke": dict(seeds=[0], nfes=[5, 10],
-                  toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256),
-                  digits=dict(batch_size=32, pretrain_steps=30, finetune_steps=15, ema_rate="0.9", eval_samples=64)),
-    "quick": dict(seeds=[0, 1, 2], nfes=[5, 8, 10, 20, 50],
-                  toy=dict(batch_size=256, pretrain_steps=3000, finetune_steps=600, ema_rate="0.99",
-                           eval_samples=2000),
-                  digits=dict(batch_size=64, pretrain_steps=1500, finetune_steps=240, ema_rate="0.98",
-                              eval_samples=256)),
-    "full": dict(seeds=[0, 1, 2, 3, 4], nfes=[5, 8, 10, 20, 50],
-                 toy=dict(batch_size=256, pretrain_steps=6000, finetune_steps=1500, ema_rate="0.995",
-                          eval_samples=4000),
-                 digits=dict(batch_size=64, pretrain_steps=4000, finetune_steps=600, ema_rate="0.99",
-                             eval_samples=500)),
 }
 PRETRAIN_SEED = 0   # one pretrained model per data set; the seeds vary the fine-tuning and the evaluation
 COMMON = dict(diffusion_steps=1000, noise_schedule="cosine", log_interval=25, num_samples=64, sample_method="ddim",
               sample_steps=20)
 
+DPM = Protocol(
+    question="Does free AT beat standard training?",
+    methods={
+        "standard": ("standard", dict(mode="standard")),
+        "ip": ("DDPM-IP", dict(mode="ip", ip_gamma=0.1)),
+        "free_at": ("free AT", dict(mode="free_at", **AT, adv_target="delta_detach")),
+        "pgd_at": ("PGD AT", dict(mode="pgd_at", **AT, adv_target="delta_detach")),
+    },
+    comparisons=(("free_at", "standard", "standard", None), ("free_at", "ip", "DDPM-IP", None),
+                 ("free_at", "standard", "standard + ES", {"ddpm": "ddpm-es"}), ("free_at", "pgd_at", "PGD AT", None)),
+    samplers=SAMPLERS,
+    # Budgets sized from speeds measured on a 2-core CPU (2 torch threads): digits-tiny at batch 64 takes 53 / 58 /
+    # 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one grid evaluation
+    # (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end: smoke about
+    # 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75).
+    presets={
+        "smoke": dict(seeds=[0], nfes=[5, 10],
+                      toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256),
+                      digits=dict(batch_size=32, pretrain_steps=30, finetune_steps=15, ema_rate="0.9",
+                                  eval_samples=64)),
+        "quick": dict(seeds=[0, 1, 2], nfes=list(PAPER_NFES),
+                      toy=dict(batch_size=256, pretrain_steps=3000, finetune_steps=600, ema_rate="0.99",
+                               eval_samples=2000),
+                      digits=dict(batch_size=64, pretrain_steps=1500, finetune_steps=240, ema_rate="0.98",
+                                  eval_samples=256)),
+        "full": dict(seeds=[0, 1, 2, 3, 4], nfes=list(PAPER_NFES),
+                     toy=dict(batch_size=256, pretrain_steps=6000, finetune_steps=1500, ema_rate="0.995",
+                              eval_samples=4000),
+                     digits=dict(batch_size=64, pretrain_steps=4000, finetune_steps=600, ema_rate="0.99",
+                                 eval_samples=500)),
+    },
+    text="""## Protocol
 
-def plan(preset, data="both", nfes=None):
-    """The resolved settings of a run: seeds, NFEs and per data set the budgets."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+Per data set: pretrain one standard model (seed {pretrain_seed}); then, for each seed, fine-tune it (weights
+only, fresh AdamW) for the same number of optimizer updates as standard, DDPM-IP (gamma 0.1), free AT
+and PGD AT (K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT makes K updates per
+batch, PGD AT one per K passes). Each fine-tuned EMA model is sampled with DDPM, DDPM-ES (lambda
+1.017), DDIM (eta 0) and DPM-Solver++(2M) from the same initial noise.
+""")
+
+
+def _cm(objective, mode="standard", target="invariant"):
+    at = dict(**AT, adv_cm_target=target) if mode != "standard" else {}
+    return dict(objective=objective, mode=mode, sample_steps=2, **at)
+
+
+CM = Protocol(
+    question="Does free AT help consistency distillation and consistency training?",
+    methods={
+        "cd": ("CD", _cm("cd")),
+        "cd_free_at": ("CD + free AT", _cm("cd", "free_at")),
+        "cd_free_at_consistent": ("CD + free AT (consistent)", _cm("cd", "free_at", "consistent")),
+        "ct": ("CT", _cm("ct")),
+        "ct_free_at": ("CT + free AT", _cm("ct", "free_at")),
+    },
+    comparisons=(("cd_free_at", "cd", "CD", None), ("cd_free_at_consistent", "cd", "CD", None),
+                 ("ct_free_at", "ct", "CT", None)),
+    samplers=CM_SAMPLERS,
+    # Speeds on a 2-core CPU: CD on digits-tiny at batch 64 about 90 ms per update (with or without free AT),
+    # CD of the toy MLP at batch 256 about 12 ms. The full preset's digits settings are those of docs/RESULTS.md's
+    # consistency distillation experiment.
+    presets={
+        "smoke": dict(seeds=[0], nfes=[1, 2],
+                      toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256,
+                               finetune=dict(lr=1e-4)),
+                      digits=dict(batch_size=32, pretrain_steps=30, finetune_steps=15, ema_rate="0.9",
+                                  eval_samples=64, finetune=dict(lr=1e-4))),
+        "quick": dict(seeds=[0, 1, 2], nfes=list(CM_NFES),
+                      toy=dict(batch_size=256, pretrain_steps=3000, finetune_steps=600, ema_rate="0.99",
+                               eval_samples=2000, finetune=dict(lr=1e-4)),
+                      digits=dict(batch_size=64, pretrain_steps=1500, finetune_steps=600, ema_rate="0.995",
+                                  eval_samples=500, finetune=dict(lr=1e-4))),
+        "full": dict(seeds=[0, 1, 2, 3, 4], nfes=list(CM_NFES),
+                     toy=dict(batch_size=256, pretrain_steps=6000, finetune_steps=1500, ema_rate="0.995",
+                              eval_samples=4000, finetune=dict(lr=1e-4)),
+                     digits=dict(batch_size=64, pretrain_steps=3000, finetune_steps=1500, ema_rate="0.999",
+                                 eval_samples=500, finetune=dict(lr=1e-4))),
+    },
+    text="""## Protocol
+
+Per data set: pretrain one standard diffusion model (seed {pretrain_seed}), the teacher; then, for each
+seed, train for the same number of optimizer updates (fresh AdamW): consistency distillation (CD) of
+the teacher's EMA model, the student starting as its teacher, without AT, with free AT and the
+'invariant' target, and with free AT and the 'consistent' target; consistency training (CT) from the
+teacher's weights, without and with free AT (invariant target). Free AT: K = 3, adv_lr 0.1,
+adv_max_norm 0.1, K updates per batch. All use the defaults of `adv_dpm.consistency`: 50 grid
+intervals, DDIM teacher step, pseudo-Huber distance, target EMA 0.95. Each EMA model is sampled by
+multistep consistency sampling from the same initial noise.
+""")
+PROTOCOLS = {"dpm": DPM, "cm": CM}
+SHARED_TEXT = """Primary metrics (lower is better): on 2-D data the sliced Wasserstein distance to fresh true
+samples (swd); on images the Frechet distance (fd) to the held-out images in the feature space of a
+classifier trained on the data set.
+
+Seeds: {seeds}. NFEs: {nfes}. Intervals: mean ± half-width of the 95% t interval over seeds.
+**Comparisons are paired over seeds**: the fine-tunes of a seed share the pretrained weights,
+batch order, noise draws and evaluation noise, so each seed gives one difference AT method − baseline;
+reported are its mean, its 95% t interval, the relative change and the paired t test's p value.
+*Beyond the seed spread* means that the interval excludes 0.
+"""
+
+
+def plan(preset, data="both", nfes=None, protocol="dpm"):
+    """The resolved settings of a run: protocol, seeds, NFEs, samplers and per data set the budgets."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    presets = PROTOCOLS[protocol].presets
+    if preset not in presets:
+        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(presets)}")
     names = {"both": list(DATA), "toy": ["toy"], "digits": ["digits"]}
     if data not in names:
         raise ValueError(f"data: expected 'toy', 'digits' or 'both', got {data!r}")
-    p = PRESETS[preset]
+    p = presets[preset]
     nfes = list(p["nfes"] if nfes is None else nfes)
     if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
         raise ValueError(f"nfes: every NFE must be an integer >= 1, got {nfes!r}")
-    return {"preset": preset, "seeds": p["seeds"], "nfes": nfes, "samplers": list(SAMPLERS),
+    return {"protocol": protocol, "preset": preset, "seeds": p["seeds"], "nfes": nfes,
+            "samplers": list(PROTOCOLS[protocol].samplers),
             "data": {name: {**DATA[name], **p[name]} for name in names[data]}}
 
 
@@ -109,34 +210,40 @@ def _train_job(config, log):
     return seconds, True
 
 
-def _eval_job(checkpoint, out_dir, settings, nfes, seed, log):
+def _eval_job(checkpoint, out_dir, settings, samplers, nfes, seed, log):
     """Evaluate unless ``out_dir`` holds results of the same grid; returns (rows, seconds, ran)."""
     path = Path(out_dir) / "results.json"
     if path.exists():
         stored = json.loads(path.read_text())
         s = stored["settings"]
-        if s["nfes"] == nfes and s["num_samples"] == settings["eval_samples"] and s["seed"] == seed:
+        if (s["samplers"], s["nfes"], s["num_samples"], s["seed"]) == (samplers, nfes, settings["eval_samples"], seed):
             return stored["rows"], sum(r["seconds"] for r in stored["rows"]), False
     log(f"evaluate {checkpoint}")
-    rows = evaluate(checkpoint, samplers=SAMPLERS, nfes=nfes, num_samples=settings["eval_samples"], seed=seed,
+    rows = evaluate(checkpoint, samplers=samplers, nfes=nfes, num_samples=settings["eval_samples"], seed=seed,
                     out_dir=out_dir, exposure=True, progress=False, plots=False)
     return rows, sum(r["seconds"] for r in rows), True
 
 
-def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, progress=True):
-    """Run (or resume) the protocol; returns {'out', 'report', 'trained', 'evaluated', 'skipped'}
-    (the run and evaluation folders of each kind of outcome in this call)."""
-    p = plan(preset, data, nfes)
-    out = Path(out or f"runs/reproduce-{preset}")
-    flags = ["--preset", preset, "--data", data, "--out", str(out)]
+def default_out(protocol, preset):
+    """runs/reproduce-<preset> for the DPM protocol, runs/reproduce-<protocol>-<preset> for the others."""
+    return Path("runs") / (f"reproduce-{preset}" if protocol == "dpm" else f"reproduce-{protocol}-{preset}")
+
+
+def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, progress=True, protocol="dpm"):
+    """Run (or resume) a protocol ('dpm' or 'cm'); returns {'out', 'report', 'trained', 'evaluated',
+    'skipped'} (the run and evaluation folders of each kind of outcome in this call)."""
+    p = plan(preset, data, nfes, protocol)
+    methods = PROTOCOLS[protocol].methods
+    out = Path(out or default_out(protocol, preset))
+    flags = ["--protocol", protocol, "--preset", preset, "--data", data, "--out", str(out)]
     flags += ["--nfes", ",".join(map(str, nfes))] if nfes else []
     command = command or "adv-dpm reproduce " + shlex.join(flags)
     start = time.perf_counter()
-    total = len(p["data"]) * (1 + 2 * len(METHODS) * len(p["seeds"]))
-    bar = tqdm(total=total, desc=f"reproduce {preset}", unit="job", disable=not progress)
+    total = len(p["data"]) * (1 + 2 * len(methods) * len(p["seeds"]))
+    bar = tqdm(total=total, desc=f"reproduce {protocol} {preset}", unit="job", disable=not progress)
     log = (lambda m: bar.write(f"[{bar.n + 1}/{total}] {m}")) if progress else (lambda m: None)
     done = {"trained": [], "evaluated": [], "skipped": []}
-    timings = {"pretrain": 0.0, **{f"fine-tune {m}": 0.0 for m in METHODS}, "feature net": 0.0, "evaluation": 0.0}
+    timings = {"pretrain": 0.0, **{f"fine-tune {m}": 0.0 for m in methods}, "feature net": 0.0, "evaluation": 0.0}
     features, rows = {}, []
     for name, settings in p["data"].items():
         steps = settings["pretrain_steps"]
@@ -149,18 +256,22 @@ def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, pr
         if not settings["data"].startswith("toy:"):
             features[name] = _feature_net(settings["data"], out, progress)
             timings["feature net"] += features[name]["seconds"]
+        pretrained = str(Path(pre.run_dir) / "checkpoint.pt")
         for seed in p["seeds"]:
-            for method, (_, overrides) in METHODS.items():
+            for method, (_, overrides) in methods.items():
                 run_dir = out / name / f"seed{seed}" / method
-                cfg = _train_config(settings, run_dir, seed, **overrides, total_steps=settings["finetune_steps"],
-                                    save_interval=max(1, settings["finetune_steps"] // 3),
-                                    init_from=str(Path(pre.run_dir) / "checkpoint.pt"), init_ema="weights")
+                # a distillation starts as its teacher; every other fine-tune from the pretrained weights
+                begin = (dict(teacher=pretrained) if overrides.get("objective") == "cd" else
+                         dict(init_from=pretrained, init_ema="weights"))
+                cfg = _train_config(settings, run_dir, seed, **settings.get("finetune", {}), **overrides, **begin,
+                                    total_steps=settings["finetune_steps"],
+                                    save_interval=max(1, settings["finetune_steps"] // 3))
                 seconds, ran = _train_job(cfg, log)
                 timings[f"fine-tune {method}"] += seconds
                 done["trained" if ran else "skipped"].append(cfg.run_dir)
                 bar.update()
-                result, seconds, ran = _eval_job(run_dir / "checkpoint.pt", run_dir / "eval", settings, p["nfes"],
-                                                 seed, log)
+                result, seconds, ran = _eval_job(run_dir / "checkpoint.pt", run_dir / "eval", settings,
+                                                 p["samplers"], p["nfes"], seed, log)
                 timings["evaluation"] += seconds
                 done["evaluated" if ran else "skipped"].append(str(run_dir / "eval"))
                 rows += [{"dataset": name, "method": method, **r} for r in result]
@@ -233,8 +344,8 @@ def verdict(c, n_seeds):
 
 
 def aggregate(rows, p):
-    """Summary rows (mean and interval of every metric per data set, method, sampler, NFE) and
-    comparisons of free AT against standard, DDPM-IP and ES on each data set's primary metric."""
+    """Summary rows (mean and interval of every metric per data set, method, sampler, NFE) and the
+    protocol's comparisons (each AT method against its baselines) on each data set's primary metric."""
     cells = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["method"], r["sampler"], r["nfe"]), []).append(r)
@@ -253,16 +364,14 @@ def aggregate(rows, p):
             group = sorted(cells.get((name, method, sampler, nfe), []), key=lambda r: r["seed"])
             return [float(r[primary]) for r in group]
 
-        for sampler in p["samplers"]:
-            for nfe in p["nfes"]:
-                at = values("free_at", sampler, nfe)
-                against = {"standard": values("standard", sampler, nfe), "DDPM-IP": values("ip", sampler, nfe),
-                           "PGD AT": values("pgd_at", sampler, nfe)}
-                if sampler == "ddpm":
-                    against["standard + ES"] = values("standard", "ddpm-es", nfe)
-                for baseline, base in against.items():
-                    c = {"dataset": name, "metric": primary, "sampler": sampler, "nfe": nfe, "baseline": baseline,
-                         "n": len(at), "free_at": sum(at) / len(at), "other": sum(base) / len(base), **paired(at, base)}
+        for method, baseline, label, baseline_sampler in PROTOCOLS[p["protocol"]].comparisons:
+            for sampler in p["samplers"] if baseline_sampler is None else baseline_sampler:
+                for nfe in p["nfes"]:
+                    at = values(method, sampler, nfe)
+                    base = values(baseline, sampler if baseline_sampler is None else baseline_sampler[sampler], nfe)
+                    c = {"dataset": name, "metric": primary, "sampler": sampler, "nfe": nfe, "method": method,
+                         "baseline": label, "n": len(at), "mean": sum(at) / len(at),
+                         "baseline_mean": sum(base) / len(base), **paired(at, base)}
                     c["verdict"] = verdict(c, len(at))
                     comparisons.append(c)
     return summary, comparisons
@@ -288,28 +397,35 @@ def _ci(mean, lo, hi):
     return f"{fmt(mean)}" if math.isnan(lo) else f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
 
 
-def _statement(name, nfe, comps, p):
-    """One data set and NFE: free AT against each baseline with the DDPM sampler, then against
-    standard training with the other samplers."""
-    by = {(c["sampler"], c["baseline"]): c for c in comps if c["dataset"] == name and c["nfe"] == nfe}
-    head = by[("ddpm", "standard")]
-    text = (f"- **{name}, NFE {nfe}** (DDPM, {head['metric']}): free AT {fmt(head['free_at'])} vs standard "
-            f"{fmt(head['other'])}, difference {_diff(head)}: **free AT: {head['verdict']}**.")
-    for baseline in ("DDPM-IP", "standard + ES", "PGD AT"):
-        c = by[("ddpm", baseline)]
-        text += f" Against {baseline} ({fmt(c['other'])}): {_diff(c)}, {c['verdict']}."
-    others = [f"{s} {_diff(by[(s, 'standard')])}, {by[(s, 'standard')]['verdict']}"
-              for s in p["samplers"] if s != "ddpm"]
-    return text + " Free AT against standard with the other samplers: " + "; ".join(others) + "."
+def _statement(name, nfe, method, comps, p):
+    """One data set, NFE and AT method: against each of its baselines with the first sampler, then
+    against its first baseline with the other samplers."""
+    label = PROTOCOLS[p["protocol"]].methods[method][0]
+    mine = [c for c in comps if (c["dataset"], c["nfe"], c["method"]) == (name, nfe, method)]
+    first = p["samplers"][0]
+    head, *rest = [c for c in mine if c["sampler"] == first]
+    text = (f"- **{name}, NFE {nfe}** ({first}, {head['metric']}): {label} {fmt(head['mean'])} vs {head['baseline']} "
+            f"{fmt(head['baseline_mean'])}, difference {_diff(head)}: **{label}: {head['verdict']}**.")
+    for c in rest:
+        text += f" Against {c['baseline']} ({fmt(c['baseline_mean'])}): {_diff(c)}, {c['verdict']}."
+    others = [f"{c['sampler']} {_diff(c)}, {c['verdict']}" for c in mine
+              if c["sampler"] != first and c["baseline"] == head["baseline"]]
+    if others:
+        text += f" {label[0].upper() + label[1:]} against {head['baseline']} with the other samplers: " + "; ".join(
+            others) + "."
+    return text
 
 
-def _overview(name, comps, p):
-    """One line per data set: at which NFEs free AT is better / worse than standard (DDPM)."""
-    groups = {}
-    for c in comps:
-        if (c["dataset"], c["sampler"], c["baseline"]) == (name, "ddpm", "standard"):
+def _overview(name, method, comps, p):
+    """One line per data set and AT method: at which NFEs it is better / worse than its first
+    baseline with the first sampler."""
+    first, groups = p["samplers"][0], {}
+    mine = [c for c in comps if (c["dataset"], c["method"], c["sampler"]) == (name, method, first)]
+    for c in mine:
+        if c["baseline"] == mine[0]["baseline"]:
             groups.setdefault(c["verdict"], []).append(str(c["nfe"]))
-    return f"**{name}** (DDPM sampler), free AT against standard: " + "; ".join(
+    label = PROTOCOLS[p["protocol"]].methods[method][0]
+    return f"**{name}** ({first} sampler), {label} against {mine[0]['baseline']}: " + "; ".join(
         f"{v} at NFE {', '.join(nfes)}" for v, nfes in groups.items()) + "."
 
 
@@ -321,31 +437,12 @@ def _diff(c):
     return f"{fmt(c['diff'])}{ci}" + (f" ({', '.join(notes)})" if notes else "")
 
 
-PROTOCOL = """## Protocol
-
-Per data set: pretrain one standard model (seed {pretrain_seed}); then, for each seed, fine-tune it (weights
-only, fresh AdamW) for the same number of optimizer updates as standard, DDPM-IP (gamma 0.1), free AT
-and PGD AT (K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT makes K updates per
-batch, PGD AT one per K passes). Each fine-tuned EMA model is sampled with DDPM, DDPM-ES (lambda
-1.017), DDIM (eta 0) and DPM-Solver++(2M) from the same initial noise. Primary metrics (lower is
-better): on 2-D data the sliced Wasserstein distance to fresh true samples (swd); on images the
-Frechet distance (fd) to the held-out images in the feature space of a classifier trained on the
-data set.
-
-Seeds: {seeds}. NFEs: {nfes}. Intervals: mean ± half-width of the 95% t interval over seeds.
-**Comparisons are paired over seeds**: the four fine-tunes of a seed share the pretrained weights,
-batch order, noise draws and evaluation noise, so each seed gives one difference free AT − other;
-reported are its mean, its 95% t interval, the relative change and the paired t test's p value.
-*Beyond the seed spread* means that the interval excludes 0.
-"""
-
-
 def _primary_tables(name, primary, summary, p):
     """Markdown: per sampler, methods x NFE of the primary metric (mean ± interval)."""
     lines = []
     for sampler in p["samplers"]:
         table = []
-        for method, (label, _) in METHODS.items():
+        for method, (label, _) in PROTOCOLS[p["protocol"]].methods.items():
             row = {"method": label}
             for s in summary:
                 if (s["dataset"], s["method"], s["sampler"], s["metric"]) == (name, method, sampler, primary):
@@ -366,22 +463,24 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     write_json(out / "results.json", {"plan": p, "command": command, "timings": timings, "wall": wall,
                                       "features": features, "rows": rows, "summary": summary,
                                       "comparisons": comparisons})
-    settings = [{"data set": n, **s, "model_overrides": json.dumps(s.get("model_overrides", {}))}
-                for n, s in p["data"].items()]
-    lines = [f"# Reproduction report: preset `{p['preset']}`\n",
+    protocol = PROTOCOLS[p["protocol"]]
+    settings = [{"data set": n, **s, "model_overrides": json.dumps(s.get("model_overrides", {})),
+                 "finetune": json.dumps(s.get("finetune", {}))} for n, s in p["data"].items()]
+    lines = [f"# Reproduction report: protocol `{p['protocol']}`, preset `{p['preset']}`\n",
              f"Command: `{command}`\n",
              f"Versions: {_versions()}  \nMachine: {_machine()}  \nWritten: {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
-             PROTOCOL.format(pretrain_seed=PRETRAIN_SEED, seeds=p["seeds"], nfes=p["nfes"]),
+             protocol.text.format(pretrain_seed=PRETRAIN_SEED), SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
              markdown_table(settings, ["data set", "data", "model", "model_overrides", "batch_size", "lr",
-                                       "pretrain_steps", "finetune_steps", "ema_rate", "eval_samples"])]
+                                       "pretrain_steps", "finetune_steps", "finetune", "ema_rate", "eval_samples"])]
     lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
               for info in features.values()]
-    lines += ["## Does free AT beat standard training?\n"]
-    lines += [_overview(name, comparisons, p) + "  " for name in p["data"]]
-    lines += ["\nDifference = free AT − other on the primary metric (negative: free AT better) "
-              "[95% paired interval] (relative to the other, paired t test).\n"]
+    at_methods = list(dict.fromkeys(c[0] for c in protocol.comparisons))
+    lines += [f"## {protocol.question}\n"]
+    lines += [_overview(name, m, comparisons, p) + "  " for name in p["data"] for m in at_methods]
+    lines += ["\nDifference = AT method − baseline on the primary metric (negative: the AT method is better) "
+              "[95% paired interval] (relative to the baseline, paired t test).\n"]
     for name in p["data"]:
-        lines += [_statement(name, nfe, comparisons, p) for nfe in p["nfes"]] + [""]
+        lines += [_statement(name, nfe, m, comparisons, p) for m in at_methods for nfe in p["nfes"]] + [""]
     for name, settings in p["data"].items():
         primary = PRIMARY["toy" if settings["data"].startswith("toy:") else "image"]
         lines.append(f"## {name}: {primary} (mean ± 95% interval over {len(p['seeds'])} seed(s))\n")
@@ -402,5 +501,6 @@ def _plot(out, name, metric, summary, p):
     panels = {s: {} for s in p["samplers"]}
     for s in summary:
         if s["dataset"] == name and s["metric"] == metric:
-            panels[s["sampler"]].setdefault(METHODS[s["method"]][0], []).append((s["nfe"], s["mean"], s["lo"], s["hi"]))
+            label = PROTOCOLS[p["protocol"]].methods[s["method"]][0]
+            panels[s["sampler"]].setdefault(label, []).append((s["nfe"], s["mean"], s["lo"], s["hi"]))
     return plot_vs_nfe(panels, out / "plots" / f"{name}_{metric}.png", metric, f"{name}: {metric}, mean ± 95% CI")

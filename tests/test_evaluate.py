@@ -79,6 +79,8 @@ def test_evaluate_bad_input_names_the_argument(toy_checkpoint, tmp_path):
         reproduce("huge", out=tmp_path)
     with pytest.raises(ValueError, match="nfes"):
         reproduce("smoke", out=tmp_path, nfes=[0])
+    with pytest.raises(ValueError, match="protocol"):
+        reproduce("smoke", out=tmp_path, protocol="gan")
 
 
 def test_statistics_over_seeds():
@@ -105,11 +107,11 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     first = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
     report = (out / "report.md").read_text()
     assert first["report"] == out / "report.md" and not first["skipped"]
-    assert "adv-dpm reproduce --preset smoke" in report and "torch " in report and "## Wall time" in report
+    assert "adv-dpm reproduce --protocol dpm --preset smoke" in report and "torch " in report and "## Wall time" in report
     assert "## Does free AT beat standard training?" in report
     for name in ("toy", "digits"):
         for nfe in (5, 8):
-            assert f"- **{name}, NFE {nfe}** (DDPM" in report
+            assert f"- **{name}, NFE {nfe}** (ddpm" in report
         assert (out / "plots" / f"{name}_{'swd' if name == 'toy' else 'fd'}.png").is_file()
     assert "Feature network for digits: held-out accuracy" in report
     rows = read_csv(out / "results.csv")
@@ -137,3 +139,37 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in table]
     assert scores(read_csv(out / "results.csv")) == scores(rows)   # the redone evaluation is deterministic
 
+
+
+@pytest.mark.slow
+def test_reproduce_consistency_protocol(tmp_path, feature_cache):
+    out = tmp_path / "cm"
+    result = reproduce("smoke", out=out, progress=False, protocol="cm")
+    report = (out / "report.md").read_text()
+    assert "adv-dpm reproduce --protocol cm --preset smoke" in report
+    assert "## Does free AT help consistency distillation and consistency training?" in report
+    for name in ("toy", "digits"):
+        for nfe in (1, 2):
+            for label in ("CD + free AT", "CD + free AT (consistent)", "CT + free AT"):
+                assert f"- **{name}, NFE {nfe}** (consistency, {'swd' if name == 'toy' else 'fd'}): {label} " in report
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 2 * 5 * 2   # data sets x methods x NFEs (one sampler, one seed)
+    assert {r["method"] for r in rows} == {"cd", "cd_free_at", "cd_free_at_consistent", "ct", "ct_free_at"}
+    assert {r["sampler"] for r in rows} == {"consistency"}
+    comparisons = read_csv(out / "comparisons.csv")
+    assert {(c["method"], c["baseline"]) for c in comparisons} == {
+        ("cd_free_at", "CD"), ("cd_free_at_consistent", "CD"), ("ct_free_at", "CT")}
+    pretrained = str(out / "digits" / "pretrain" / "checkpoint.pt")
+    for method, objective, mode, target in [("cd", "cd", "standard", "invariant"),
+                                            ("cd_free_at", "cd", "free_at", "invariant"),
+                                            ("cd_free_at_consistent", "cd", "free_at", "consistent"),
+                                            ("ct", "ct", "standard", "invariant"),
+                                            ("ct_free_at", "ct", "free_at", "invariant")]:
+        config = json.loads((out / "digits" / "seed0" / method / "config.json").read_text())
+        assert (config["objective"], config["mode"], config["adv_cm_target"]) == (objective, mode, target)
+        # a distillation starts as its teacher, consistency training from the pretrained weights
+        assert (config["teacher"], config["init_from"]) == ((pretrained, "") if objective == "cd" else ("", pretrained))
+        assert config["lr"] == 1e-4 and config["total_steps"] == 15   # the preset's fine-tune settings
+    assert result["skipped"] == [] and len(result["trained"]) == 12 and len(result["evaluated"]) == 10
+    again = reproduce("smoke", out=out, progress=False, protocol="cm")
+    assert again["trained"] == [] and again["evaluated"] == [] and len(again["skipped"]) == 22
