@@ -111,18 +111,20 @@ class Loaded:
         """Whether the checkpoint holds a consistency model (objective 'cd' or 'ct')."""
         return self.config.get("objective", "diffusion") != "diffusion"
 
-    def sample(self, shape, method, steps, **kw):
-        """Samples of the model: ``diffusion.sample`` with ``method``, or (a consistency model)
-        multistep consistency sampling."""
+    def sample(self, shape, method, steps, model_fn=None, **kw):
+        """Samples of the model (or of ``model_fn``, a wrapper of it): ``diffusion.sample`` with
+        ``method``, or (a consistency model) multistep consistency sampling."""
+        model_fn = self.model if model_fn is None else model_fn
         if self.consistency:
-            return consistency.sample(self.model, self.schedule, shape, steps, scales=self.config["scales"],
+            return consistency.sample(model_fn, self.schedule, shape, steps, scales=self.config["scales"],
                                       learn_sigma=self.learn_sigma, **kw)
-        return sample(self.model, self.schedule, shape, method, steps, learn_sigma=self.learn_sigma, **kw)
+        return sample(model_fn, self.schedule, shape, method, steps, learn_sigma=self.learn_sigma, **kw)
 
-    def robustness(self, shape, method, steps, **kw):
-        """``metrics.robustness`` of the (diffusion) model: samples under perturbed model inputs."""
-        return metrics.robustness(self.model, self.schedule, shape, method, steps,
-                                  learn_sigma=self.learn_sigma, **kw)
+    def robustness(self, shape, method, steps, *, budget, kind, seed, **kw):
+        """Samples with every model input perturbed within ``budget`` (``metrics.robustness``; the
+        sampler's own state stays unperturbed), of a diffusion or a consistency model."""
+        perturbed = metrics.perturbed_model_fn(self.model, budget, kind, learn_sigma=self.learn_sigma, seed=seed)
+        return self.sample(shape, method, steps, perturbed, **kw)
 
 
 def load_checkpoint(path, ema=None, device="cpu"):
@@ -255,8 +257,6 @@ def evaluate(checkpoint, samplers=None, nfes=None, num_samples=1000, seed=0, out
     samplers, nfes = check_grid(samplers, nfes, num_samples, loaded.consistency)
     if robustness_budget is not None and not (robustness_budget >= 0 and math.isfinite(robustness_budget)):
         raise ValueError(f"robustness_budget: expected a finite number >= 0, got {robustness_budget!r}")
-    if robustness_budget is not None and loaded.consistency:
-        raise ValueError("robustness_budget: the perturbed-input sampling runs the diffusion samplers only")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if max(nfes) > loaded.schedule.num_timesteps:

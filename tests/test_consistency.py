@@ -239,8 +239,11 @@ def test_evaluate_samples_a_consistency_model_with_its_sampler(tmp_path, teacher
     assert all(math.isfinite(r["exposure_ratio"]) for r in rows[1:])
     with pytest.raises(ValueError, match="samplers: 'ddim' does not sample a consistency model"):
         evaluate(run / "checkpoint.pt", samplers=["ddim"], num_samples=16, progress=False)
-    with pytest.raises(ValueError, match="robustness_budget"):
-        evaluate(run / "checkpoint.pt", num_samples=16, robustness_budget=0.1, progress=False)
+    # perturbed model inputs: a zero budget is plain sampling, a positive one changes the samples
+    clean = evaluate(run / "checkpoint.pt", nfes=[2], num_samples=16, robustness_budget=0.0, progress=False)[0]
+    assert clean["swd_random"] == clean["swd_adversarial"] == clean["swd"]
+    moved = evaluate(run / "checkpoint.pt", nfes=[2], num_samples=16, robustness_budget=0.5, progress=False)[0]
+    assert moved["swd"] == clean["swd"] and moved["swd_random"] != clean["swd"] != moved["swd_adversarial"]
     with pytest.raises(ValueError, match="samplers: 'consistency' does not sample a diffusion model"):
         evaluate(teacher, samplers=["consistency"], num_samples=16, progress=False)
 
