@@ -69,7 +69,7 @@ def plot_vs_nfe(panels, path, ylabel, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.4, 3.2), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], panels.items()):
         for label, points in lines.items():
             points = sorted(points)
@@ -84,7 +84,7 @@ def plot_vs_nfe(panels, path, ylabel, title=""):
         ax.set(xlabel="NFE", title=panel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside the lines, not on them
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
