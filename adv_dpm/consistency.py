@@ -34,6 +34,11 @@ TIMESTEP_SCALING = 10.0   # LCM's: the boundary coefficients reach c_out ~ 1 wit
 SIGMA_MAX = 80.0
 
 
+def run_label(objective, mode):
+    """What a run trains how, e.g. 'free_at' (a diffusion model) or 'cd free_at'."""
+    return mode if objective == "diffusion" else f"{objective} {mode}"
+
+
 def timestep_grid(schedule, scales):
     """The ``scales`` + 1 ascending, distinct timestep indices t_0 = 0 ... t_N, evenly spaced up
     to the last timestep with sigma <= SIGMA_MAX."""

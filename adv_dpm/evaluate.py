@@ -265,7 +265,7 @@ def evaluate(checkpoint, samplers=None, nfes=None, num_samples=1000, seed=0, out
     scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
     shape = (num_samples, *sample_shape(loaded))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    mode = f"{loaded.config['objective']} {loaded.config['mode']}" if loaded.consistency else loaded.config["mode"]
+    mode = consistency.run_label(loaded.config.get("objective", "diffusion"), loaded.config["mode"])
     base = {"checkpoint": str(checkpoint), "mode": mode, "step": loaded.step, "data": spec}
     rows = []
     cells = [(s, n) for s in samplers for n in nfes]

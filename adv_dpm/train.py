@@ -237,7 +237,7 @@ class Trainer:
     @property
     def name(self):
         """What is trained how, e.g. 'free_at' or 'cd free_at'."""
-        return self.cfg.mode if not self.consistency else f"{self.cfg.objective} {self.cfg.mode}"
+        return cm.run_label(self.cfg.objective, self.cfg.mode)
 
     def _shape_overrides(self):
         x = self.data.x
