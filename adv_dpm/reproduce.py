@@ -52,6 +52,8 @@ class Protocol:
     presets: dict      # name -> seeds, nfes and per data set the budgets (TrainConfig settings of the
                        # pretraining and, under 'finetune', of the fine-tunes where they differ)
     text: str          # the report's protocol section
+    robustness: float = None   # also score and compare under adversarially perturbed network inputs of this
+                               # budget (``evaluate``'s robustness_budget)
 
 
 AT = dict(adv_steps=3, adv_lr=0.1, adv_max_norm=0.1)   # PAPER.md's defaults
@@ -150,8 +152,10 @@ the teacher's EMA model, the student starting as its teacher, without AT, with f
 teacher's weights, without and with free AT (invariant target). Free AT: K = 3, adv_lr 0.1,
 adv_max_norm 0.1, K updates per batch. All use the defaults of `adv_dpm.consistency`: 50 grid
 intervals, DDIM teacher step, pseudo-Huber distance, target EMA 0.95. Each EMA model is sampled by
-multistep consistency sampling from the same initial noise.
-""")
+multistep consistency sampling from the same initial noise, and again with every network input
+moved adversarially within an RMS of {robustness} per element (`adv-dpm evaluate --robustness`).
+""",
+    robustness=0.05)
 PROTOCOLS = {"dpm": DPM, "cm": CM}
 SHARED_TEXT = """Primary metrics (lower is better): on 2-D data the sliced Wasserstein distance to fresh true
 samples (swd); on images the Frechet distance (fd) to the held-out images in the feature space of a
@@ -180,7 +184,7 @@ def plan(preset, data="both", nfes=None, protocol="dpm"):
     if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
         raise ValueError(f"nfes: every NFE must be an integer >= 1, got {nfes!r}")
     return {"protocol": protocol, "preset": preset, "seeds": p["seeds"], "nfes": nfes,
-            "samplers": list(PROTOCOLS[protocol].samplers),
+            "samplers": list(PROTOCOLS[protocol].samplers), "robustness": PROTOCOLS[protocol].robustness,
             "data": {name: {**DATA[name], **p[name]} for name in names[data]}}
 
 
@@ -210,17 +214,18 @@ def _train_job(config, log):
     return seconds, True
 
 
-def _eval_job(checkpoint, out_dir, settings, samplers, nfes, seed, log):
+def _eval_job(checkpoint, out_dir, settings, p, seed, log):
     """Evaluate unless ``out_dir`` holds results of the same grid; returns (rows, seconds, ran)."""
     path = Path(out_dir) / "results.json"
     if path.exists():
         stored = json.loads(path.read_text())
         s = stored["settings"]
-        if (s["samplers"], s["nfes"], s["num_samples"], s["seed"]) == (samplers, nfes, settings["eval_samples"], seed):
+        grid = (s["samplers"], s["nfes"], s["num_samples"], s["seed"], s.get("robustness_budget"))
+        if grid == (p["samplers"], p["nfes"], settings["eval_samples"], seed, p["robustness"]):
             return stored["rows"], sum(r["seconds"] for r in stored["rows"]), False
     log(f"evaluate {checkpoint}")
-    rows = evaluate(checkpoint, samplers=samplers, nfes=nfes, num_samples=settings["eval_samples"], seed=seed,
-                    out_dir=out_dir, exposure=True, progress=False, plots=False)
+    rows = evaluate(checkpoint, samplers=p["samplers"], nfes=p["nfes"], num_samples=settings["eval_samples"], seed=seed,
+                    out_dir=out_dir, exposure=True, robustness_budget=p["robustness"], progress=False, plots=False)
     return rows, sum(r["seconds"] for r in rows), True
 
 
@@ -270,8 +275,7 @@ def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, pr
                 timings[f"fine-tune {method}"] += seconds
                 done["trained" if ran else "skipped"].append(cfg.run_dir)
                 bar.update()
-                result, seconds, ran = _eval_job(run_dir / "checkpoint.pt", run_dir / "eval", settings,
-                                                 p["samplers"], p["nfes"], seed, log)
+                result, seconds, ran = _eval_job(run_dir / "checkpoint.pt", run_dir / "eval", settings, p, seed, log)
                 timings["evaluation"] += seconds
                 done["evaluated" if ran else "skipped"].append(str(run_dir / "eval"))
                 rows += [{"dataset": name, "method": method, **r} for r in result]
@@ -343,9 +347,16 @@ def verdict(c, n_seeds):
     return "no difference beyond the seed spread"
 
 
+def compared(p, name):
+    """The metrics compared on data set ``name``: its primary one and, with the protocol's robustness
+    budget, the primary one under adversarially perturbed network inputs."""
+    primary = PRIMARY["toy" if p["data"][name]["data"].startswith("toy:") else "image"]
+    return [primary] + ([f"{primary}_adversarial"] if p["robustness"] is not None else [])
+
+
 def aggregate(rows, p):
     """Summary rows (mean and interval of every metric per data set, method, sampler, NFE) and the
-    protocol's comparisons (each AT method against its baselines) on each data set's primary metric."""
+    protocol's comparisons (each AT method against its baselines) on each data set's ``compared`` metrics."""
     cells = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["method"], r["sampler"], r["nfe"]), []).append(r)
@@ -358,22 +369,22 @@ def aggregate(rows, p):
                             "n": len(group), "mean": mean, "lo": lo, "hi": hi})
     comparisons = []
     for name in p["data"]:
-        primary = PRIMARY["toy" if p["data"][name]["data"].startswith("toy:") else "image"]
-
-        def values(method, sampler, nfe):
+        def values(method, sampler, nfe, metric):
             group = sorted(cells.get((name, method, sampler, nfe), []), key=lambda r: r["seed"])
-            return [float(r[primary]) for r in group]
+            return [float(r[metric]) for r in group]
 
-        for method, baseline, label, baseline_sampler in PROTOCOLS[p["protocol"]].comparisons:
-            for sampler in p["samplers"] if baseline_sampler is None else baseline_sampler:
-                for nfe in p["nfes"]:
-                    at = values(method, sampler, nfe)
-                    base = values(baseline, sampler if baseline_sampler is None else baseline_sampler[sampler], nfe)
-                    c = {"dataset": name, "metric": primary, "sampler": sampler, "nfe": nfe, "method": method,
-                         "baseline": label, "n": len(at), "mean": sum(at) / len(at),
-                         "baseline_mean": sum(base) / len(base), **paired(at, base)}
-                    c["verdict"] = verdict(c, len(at))
-                    comparisons.append(c)
+        for metric in compared(p, name):
+            for method, baseline, label, baseline_sampler in PROTOCOLS[p["protocol"]].comparisons:
+                for sampler in p["samplers"] if baseline_sampler is None else baseline_sampler:
+                    for nfe in p["nfes"]:
+                        at = values(method, sampler, nfe, metric)
+                        base = values(baseline, sampler if baseline_sampler is None else baseline_sampler[sampler],
+                                      nfe, metric)
+                        c = {"dataset": name, "metric": metric, "sampler": sampler, "nfe": nfe, "method": method,
+                             "baseline": label, "n": len(at), "mean": sum(at) / len(at),
+                             "baseline_mean": sum(base) / len(base), **paired(at, base)}
+                        c["verdict"] = verdict(c, len(at))
+                        comparisons.append(c)
     return summary, comparisons
 
 
@@ -397,11 +408,11 @@ def _ci(mean, lo, hi):
     return f"{fmt(mean)}" if math.isnan(lo) else f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
 
 
-def _statement(name, nfe, method, comps, p):
+def _statement(name, nfe, method, metric, comps, p):
     """One data set, NFE and AT method: against each of its baselines with the first sampler, then
     against its first baseline with the other samplers."""
     label = PROTOCOLS[p["protocol"]].methods[method][0]
-    mine = [c for c in comps if (c["dataset"], c["nfe"], c["method"]) == (name, nfe, method)]
+    mine = [c for c in comps if (c["dataset"], c["nfe"], c["method"], c["metric"]) == (name, nfe, method, metric)]
     first = p["samplers"][0]
     head, *rest = [c for c in mine if c["sampler"] == first]
     text = (f"- **{name}, NFE {nfe}** ({first}, {head['metric']}): {label} {fmt(head['mean'])} vs {head['baseline']} "
@@ -416,11 +427,11 @@ def _statement(name, nfe, method, comps, p):
     return text
 
 
-def _overview(name, method, comps, p):
+def _overview(name, method, metric, comps, p):
     """One line per data set and AT method: at which NFEs it is better / worse than its first
     baseline with the first sampler."""
     first, groups = p["samplers"][0], {}
-    mine = [c for c in comps if (c["dataset"], c["method"], c["sampler"]) == (name, method, first)]
+    mine = [c for c in comps if (c["dataset"], c["method"], c["sampler"], c["metric"]) == (name, method, first, metric)]
     for c in mine:
         if c["baseline"] == mine[0]["baseline"]:
             groups.setdefault(c["verdict"], []).append(str(c["nfe"]))
@@ -437,15 +448,15 @@ def _diff(c):
     return f"{fmt(c['diff'])}{ci}" + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _primary_tables(name, primary, summary, p):
-    """Markdown: per sampler, methods x NFE of the primary metric (mean ± interval)."""
+def _metric_tables(name, metric, summary, p):
+    """Markdown: per sampler, methods x NFE of ``metric`` (mean ± interval)."""
     lines = []
     for sampler in p["samplers"]:
         table = []
         for method, (label, _) in PROTOCOLS[p["protocol"]].methods.items():
             row = {"method": label}
             for s in summary:
-                if (s["dataset"], s["method"], s["sampler"], s["metric"]) == (name, method, sampler, primary):
+                if (s["dataset"], s["method"], s["sampler"], s["metric"]) == (name, method, sampler, metric):
                     row[f"NFE {s['nfe']}"] = _ci(s["mean"], s["lo"], s["hi"])
             table.append(row)
         lines += [f"**{sampler}**\n", markdown_table(table, ["method"] + [f"NFE {n}" for n in p["nfes"]])]
@@ -469,25 +480,31 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     lines = [f"# Reproduction report: protocol `{p['protocol']}`, preset `{p['preset']}`\n",
              f"Command: `{command}`\n",
              f"Versions: {_versions()}  \nMachine: {_machine()}  \nWritten: {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
-             protocol.text.format(pretrain_seed=PRETRAIN_SEED), SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
+             protocol.text.format(pretrain_seed=PRETRAIN_SEED, robustness=protocol.robustness), SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
              markdown_table(settings, ["data set", "data", "model", "model_overrides", "batch_size", "lr",
                                        "pretrain_steps", "finetune_steps", "finetune", "ema_rate", "eval_samples"])]
     lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
               for info in features.values()]
     at_methods = list(dict.fromkeys(c[0] for c in protocol.comparisons))
-    lines += [f"## {protocol.question}\n"]
-    lines += [_overview(name, m, comparisons, p) + "  " for name in p["data"] for m in at_methods]
-    lines += ["\nDifference = AT method − baseline on the primary metric (negative: the AT method is better) "
-              "[95% paired interval] (relative to the baseline, paired t test).\n"]
-    for name in p["data"]:
-        lines += [_statement(name, nfe, m, comparisons, p) for m in at_methods for nfe in p["nfes"]] + [""]
+    headings = [protocol.question]   # one section per compared metric: clean, then perturbed inputs
+    headings += [f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)"] * (
+        p["robustness"] is not None)
+    for i, heading in enumerate(headings):
+        lines += [f"## {heading}\n"]
+        lines += [_overview(name, m, compared(p, name)[i], comparisons, p) + "  "
+                  for name in p["data"] for m in at_methods]
+        lines += ["\nDifference = AT method − baseline on the metric (negative: the AT method is better) "
+                  "[95% paired interval] (relative to the baseline, paired t test).\n"]
+        for name in p["data"]:
+            lines += [_statement(name, nfe, m, compared(p, name)[i], comparisons, p)
+                      for m in at_methods for nfe in p["nfes"]] + [""]
     for name, settings in p["data"].items():
-        primary = PRIMARY["toy" if settings["data"].startswith("toy:") else "image"]
-        lines.append(f"## {name}: {primary} (mean ± 95% interval over {len(p['seeds'])} seed(s))\n")
-        lines += _primary_tables(name, primary, summary, p)
-        lines.append(f"![{name} {primary}](plots/{_plot(out, name, primary, summary, p).name})\n")
-        other = [m for m in metric_names if m != primary and any((s["dataset"], s["metric"]) == (name, m)
-                                                                 for s in summary)]
+        for metric in compared(p, name):
+            lines.append(f"## {name}: {metric} (mean ± 95% interval over {len(p['seeds'])} seed(s))\n")
+            lines += _metric_tables(name, metric, summary, p)
+            lines.append(f"![{name} {metric}](plots/{_plot(out, name, metric, summary, p).name})\n")
+        other = [m for m in metric_names if m not in compared(p, name) and any((s["dataset"], s["metric"]) == (name, m)
+                                                                               for s in summary)]
         lines.append(f"Other metrics ({', '.join(other)}): summary.csv; per seed: results.csv.\n")
     phases = [{"phase": k, "seconds": v} for k, v in {**timings, **wall}.items()]
     lines += ["## Wall time\n", markdown_table(phases, ["phase", "seconds"]),

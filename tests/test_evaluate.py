@@ -148,6 +148,8 @@ def test_reproduce_consistency_protocol(tmp_path, feature_cache):
     report = (out / "report.md").read_text()
     assert "adv-dpm reproduce --protocol cm --preset smoke" in report
     assert "## Does free AT help consistency distillation and consistency training?" in report
+    assert "## Under adversarially perturbed network inputs (RMS 0.05 per element)" in report
+    assert "- **digits, NFE 2** (consistency, fd_adversarial): CD + free AT " in report
     for name in ("toy", "digits"):
         for nfe in (1, 2):
             for label in ("CD + free AT", "CD + free AT (consistent)", "CT + free AT"):
@@ -157,8 +159,10 @@ def test_reproduce_consistency_protocol(tmp_path, feature_cache):
     assert {r["method"] for r in rows} == {"cd", "cd_free_at", "cd_free_at_consistent", "ct", "ct_free_at"}
     assert {r["sampler"] for r in rows} == {"consistency"}
     comparisons = read_csv(out / "comparisons.csv")
-    assert {(c["method"], c["baseline"]) for c in comparisons} == {
-        ("cd_free_at", "CD"), ("cd_free_at_consistent", "CD"), ("ct_free_at", "CT")}
+    assert {(c["method"], c["baseline"], c["metric"]) for c in comparisons if c["dataset"] == "digits"} == {
+        (m, b, metric) for m, b in [("cd_free_at", "CD"), ("cd_free_at_consistent", "CD"), ("ct_free_at", "CT")]
+        for metric in ("fd", "fd_adversarial")}
+    assert all(math.isfinite(float(r["fd_adversarial"])) for r in rows if r["dataset"] == "digits")
     pretrained = str(out / "digits" / "pretrain" / "checkpoint.pt")
     for method, objective, mode, target in [("cd", "cd", "standard", "invariant"),
                                             ("cd_free_at", "cd", "free_at", "invariant"),
