@@ -124,8 +124,9 @@ CM = Protocol(
                  ("ct_free_at", "ct", "CT", None)),
     samplers=CM_SAMPLERS,
     # Sized on a 2-core CPU: CD of digits-tiny at batch 64 takes about 90 ms per update (with or without free AT),
-    # of the toy MLP at batch 256 about 12 ms. Measured end to end: quick 13.9 min. The full preset's digits
-    # settings are those of docs/RESULTS.md's consistency distillation experiment.
+    # of the toy MLP at batch 256 about 12 ms. Measured end to end before the perturbed-input scoring: quick
+    # 13.9 min, full 54.6 min; that scoring took 5.1 min more on the full preset's 50 models. The full preset's
+    # digits settings are those of docs/RESULTS.md's consistency distillation experiment.
     presets={
         "smoke": dict(seeds=[0], nfes=[1, 2],
                       toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256,
