@@ -488,8 +488,8 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
               for info in features.values()]
     at_methods = list(dict.fromkeys(c[0] for c in protocol.comparisons))
     headings = [protocol.question]   # one section per compared metric: clean, then perturbed inputs
-    headings += [f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)"] * (
-        p["robustness"] is not None)
+    if p["robustness"] is not None:
+        headings.append(f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)")
     for i, heading in enumerate(headings):
         lines += [f"## {heading}\n"]
         lines += [_overview(name, m, compared(p, name)[i], comparisons, p) + "  "
