@@ -33,6 +33,11 @@ ES_LAMBDA = 1.017          # the paper's CIFAR-10 epsilon scaling
 PRIMARY = {"toy": "swd", "image": "fd"}   # the headline metric of each kind of data (lower is better)
 
 
+def data_kind(data_spec):
+    """'toy' (2-D points, 'toy:<name>') or 'image': which metrics score samples of ``data_spec``."""
+    return "toy" if data_spec.startswith("toy:") else "image"
+
+
 # ---------------------------------------------------------------------------------------------
 # Files, tables and plots (also used by adv_dpm.reproduce)
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +112,14 @@ class Loaded:
     step: int
 
     @property
+    def objective(self):
+        """'diffusion', or for a consistency model 'cd' or 'ct' (runs from before objectives: 'diffusion')."""
+        return self.config.get("objective", "diffusion")
+
+    @property
     def consistency(self):
         """Whether the checkpoint holds a consistency model (objective 'cd' or 'ct')."""
-        return self.config.get("objective", "diffusion") != "diffusion"
+        return self.objective != "diffusion"
 
     def sample(self, shape, method, steps, model_fn=None, **kw):
         """Samples of the model (or of ``model_fn``, a wrapper of it): ``diffusion.sample`` with
@@ -201,7 +211,7 @@ class _Scorer:
 
     def __init__(self, data_spec, feature_cache, inception, batch_size, device, progress):
         self.data = data_spec
-        self.kind = "toy" if data_spec.startswith("toy:") else "image"
+        self.kind = data_kind(data_spec)
         self.extra = {}
         if self.kind == "image":
             self.net, accuracy = metrics.feature_extractor(data_spec, cache_dir=feature_cache, progress=progress,
@@ -265,7 +275,7 @@ def evaluate(checkpoint, samplers=None, nfes=None, num_samples=1000, seed=0, out
     scorer = _Scorer(spec, feature_cache, inception, batch_size, device, progress)
     shape = (num_samples, *sample_shape(loaded))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    mode = consistency.run_label(loaded.config.get("objective", "diffusion"), loaded.config["mode"])
+    mode = consistency.run_label(loaded.objective, loaded.config["mode"])
     base = {"checkpoint": str(checkpoint), "mode": mode, "step": loaded.step, "data": spec}
     rows = []
     cells = [(s, n) for s in samplers for n in nfes]

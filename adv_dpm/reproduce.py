@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .evaluate import (CM_NFES, CM_SAMPLERS, PAPER_NFES, PRIMARY, SAMPLERS, evaluate, fmt, markdown_table,
-                       metric_columns, plot_vs_nfe, write_csv, write_json)
+from .evaluate import (CM_NFES, CM_SAMPLERS, PAPER_NFES, PRIMARY, SAMPLERS, data_kind, evaluate, fmt,
+                       markdown_table, metric_columns, plot_vs_nfe, write_csv, write_json)
 from .train import TrainConfig, train
 from .utils import atomic_write, cpu_name
 
@@ -259,7 +259,7 @@ def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, pr
         timings["pretrain"] += seconds
         done["trained" if ran else "skipped"].append(pre.run_dir)
         bar.update()
-        if not settings["data"].startswith("toy:"):
+        if data_kind(settings["data"]) == "image":
             features[name] = _feature_net(settings["data"], out, progress)
             timings["feature net"] += features[name]["seconds"]
         pretrained = str(Path(pre.run_dir) / "checkpoint.pt")
@@ -351,7 +351,7 @@ def verdict(c, n_seeds):
 def compared(p, name):
     """The metrics compared on data set ``name``: its primary one and, with the protocol's robustness
     budget, the primary one under adversarially perturbed network inputs."""
-    primary = PRIMARY["toy" if p["data"][name]["data"].startswith("toy:") else "image"]
+    primary = PRIMARY[data_kind(p["data"][name]["data"])]
     return [primary] + ([f"{primary}_adversarial"] if p["robustness"] is not None else [])
 
 

@@ -317,7 +317,7 @@ class Trainer:
         """The EMA model of the ``teacher`` checkpoint (frozen), checked against this run's data and schedule."""
         from .evaluate import load_checkpoint, sample_shape
         teacher = load_checkpoint(self.cfg.teacher, device=self.device)
-        if teacher.config.get("objective", "diffusion") != "diffusion":
+        if teacher.consistency:
             raise ValueError(f"teacher: {self.cfg.teacher} holds a consistency model; distill a diffusion model")
         for name in ("noise_schedule", "diffusion_steps"):
             if teacher.config[name] != getattr(self.cfg, name):
