@@ -481,7 +481,8 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     lines = [f"# Reproduction report: protocol `{p['protocol']}`, preset `{p['preset']}`\n",
              f"Command: `{command}`\n",
              f"Versions: {_versions()}  \nMachine: {_machine()}  \nWritten: {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
-             protocol.text.format(pretrain_seed=PRETRAIN_SEED, robustness=protocol.robustness), SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
+             protocol.text.format(pretrain_seed=PRETRAIN_SEED, robustness=protocol.robustness),
+             SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
              markdown_table(settings, ["data set", "data", "model", "model_overrides", "batch_size", "lr",
                                        "pretrain_steps", "finetune_steps", "finetune", "ema_rate", "eval_samples"])]
     lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
