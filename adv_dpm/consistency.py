@@ -12,7 +12,8 @@ student initialized from its teacher starts as the teacher's one-step denoiser. 
 n uniformly from the ``scales`` intervals of a grid t_0 = 0 < ... < t_N and matches
 f(x_{t_{n+1}} (+ delta), t_{n+1}) to the target network's f(x_{t_n}, t_n), where x_{t_n} is one
 ODE step from x_{t_{n+1}}: the teacher's (CD, DDIM or Heun), or the true noise's (CT, which
-lands on sqrt(abar) x0 + sqrt(1 - abar) eps with the same eps). The grid stops at the last
+lands on sqrt(abar) x0 + sqrt(1 - abar) eps with the same eps; from a perturbed x_{t_{n+1}} + delta,
+the noise it implies, eps + delta / sqrt(1 - abar_{t_{n+1}})). The grid stops at the last
 timestep whose sigma = sqrt(1 - abar) / sqrt(abar) is at most EDM's sigma_max = 80: beyond it
 (the cosine schedule's last steps reach sigma = 2e4) x0 = x / sqrt(abar) - sigma eps magnifies
 any error in eps, or any perturbation of x, by sigma.

@@ -9,7 +9,7 @@ For each data set (2-D 'rings' with the MLP, the bundled 8x8 digits with the sma
       (``init_from``, fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the
       pretrained model (the student starts as its teacher) without AT, with free AT and the
       'invariant' target and with the 'consistent' target, and consistency training from its
-      weights without and with free AT;
+      weights in the same three ways;
   (c) evaluate each fine-tuned EMA model over the protocol's samplers and NFEs (``adv_dpm.evaluate``;
       'dpm': DDPM, DDPM-ES, DDIM and DPM-Solver++ at the paper's NFEs; 'cm': multistep consistency
       sampling at NFE 1, 2, 4), from the same initial noise for every method;
@@ -119,14 +119,17 @@ CM = Protocol(
         "cd_free_at_consistent": ("CD + free AT (consistent)", _cm("cd", "free_at", "consistent")),
         "ct": ("CT", _cm("ct")),
         "ct_free_at": ("CT + free AT", _cm("ct", "free_at")),
+        "ct_free_at_consistent": ("CT + free AT (consistent)", _cm("ct", "free_at", "consistent")),
     },
     comparisons=(("cd_free_at", "cd", "CD", None), ("cd_free_at_consistent", "cd", "CD", None),
-                 ("ct_free_at", "ct", "CT", None)),
+                 ("ct_free_at", "ct", "CT", None), ("ct_free_at_consistent", "ct", "CT", None)),
     samplers=CM_SAMPLERS,
     # Sized on a 2-core CPU: CD of digits-tiny at batch 64 takes about 90 ms per update (with or without free AT),
-    # of the toy MLP at batch 256 about 12 ms. Measured end to end before the perturbed-input scoring: quick
-    # 13.9 min, full 54.6 min; that scoring took 5.1 min more on the full preset's 50 models. The full preset's
-    # digits settings are those of docs/RESULTS.md's consistency distillation experiment.
+    # of the toy MLP at batch 256 about 12 ms. Measured in three invocations that resumed one another: five
+    # methods without the perturbed-input scoring, quick 13.9 min and full 54.6 min; that scoring of the full
+    # preset's 50 models, 5.1 min; the sixth method, full 10.8 min; on quick, the sixth method and the scoring
+    # of all 36 models, 3.5 min. The full preset's digits settings are those of docs/RESULTS.md's consistency
+    # distillation experiment.
     presets={
         "smoke": dict(seeds=[0], nfes=[1, 2],
                       toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256,
@@ -149,8 +152,10 @@ CM = Protocol(
 Per data set: pretrain one standard diffusion model (seed {pretrain_seed}), the teacher; then, for each
 seed, train for the same number of optimizer updates (fresh AdamW): consistency distillation (CD) of
 the teacher's EMA model, the student starting as its teacher, without AT, with free AT and the
-'invariant' target, and with free AT and the 'consistent' target; consistency training (CT) from the
-teacher's weights, without and with free AT (invariant target). Free AT: K = 3, adv_lr 0.1,
+'invariant' target (the clean trajectory's), and with free AT and the 'consistent' target (the
+teacher's step from the perturbed input); consistency training (CT) from the teacher's weights in
+the same three ways (CT's 'consistent' step: the noise the perturbed input implies, eps + delta /
+sqrt(1 - abar_t)). Free AT: K = 3, adv_lr 0.1,
 adv_max_norm 0.1, K updates per batch. All use the defaults of `adv_dpm.consistency`: 50 grid
 intervals, DDIM teacher step, pseudo-Huber distance, target EMA 0.95. Each EMA model is sampled by
 multistep consistency sampling from the same initial noise, and again with every network input

@@ -62,7 +62,8 @@ class TrainConfig:
     loss_norm: str = "pseudo_huber"      # cd/ct: distance to the target, 'pseudo_huber' (iCT's) | 'l2' | 'l1'
     target_ema: float = 0.95             # cd/ct: the target network is this EMA of the online one (0: its weights)
     adv_cm_target: str = "invariant"     # cd/ct with AT: the target from the clean x_{t_{n+1}} ('invariant') or
-                                         # recomputed from the perturbed one ('consistent': one more teacher call)
+                                         # recomputed from the perturbed one ('consistent': cd one more teacher
+                                         # call; ct the noise the perturbed input implies)
     lr: float = 1e-4                     # AdamW learning rate
     weight_decay: float = 0.0            # AdamW weight decay
     batch_size: int = 64                 # global batch (split over ranks)
@@ -403,9 +404,11 @@ class Trainer:
 
     @torch.no_grad()
     def _ode_step(self, m, x):
-        """x at timestep t moved to s by the teacher's ODE step (cd) or by the noise eps (ct)."""
+        """x at timestep t moved to s by the teacher's ODE step (cd) or (ct) by the noise that x implies
+        given x0: eps at the clean x_t, eps + delta / sqrt(1 - abar_t) at x_t + delta."""
         if self.teacher is None:
-            return cm.ode_step(lambda x, t: m["eps"], self.schedule, x, m["t"], m["s"])
+            c_noise = m["c_noise"].reshape(-1, *[1] * (x.dim() - 1))
+            return cm.ode_step(lambda x, t: m["eps"] + (x - m["x_t"]) / c_noise, self.schedule, x, m["t"], m["s"])
 
         def teacher_eps(x, t):
             with self._autocast():

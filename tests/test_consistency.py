@@ -127,7 +127,8 @@ def test_multistep_sampling_visits_the_grid_from_its_top():
 def paper_cm_free_at_batch(model, target, optimizer, schedule, x0, t, s, eps, steps, lr, max_norm, mu, at_target,
                            teacher=None):
     """PAPER.md's CM-AT loop for one batch in plain PyTorch: LCM's boundary, the DDIM teacher
-    step (cd) or the same noise (ct), pseudo-Huber distance, the target an EMA of rate mu."""
+    step (cd) or the step of the noise x implies given x0 (ct), pseudo-Huber distance, the target
+    an EMA of rate mu."""
     a_tab, s_tab = schedule.sqrt_alphas_cumprod.float(), schedule.sqrt_one_minus_alphas_cumprod.float()
     T = schedule.num_timesteps
 
@@ -138,7 +139,7 @@ def paper_cm_free_at_batch(model, target, optimizer, schedule, x0, t, s, eps, st
         return c_skip.float()[:, None] * x + c_out.float()[:, None] * x0_hat
 
     def step_to_s(x):
-        e = eps if teacher is None else teacher(x, t)
+        e = (x - a_tab[t][:, None] * x0) / s_tab[t][:, None] if teacher is None else teacher(x, t)
         return a_tab[s][:, None] * (x - s_tab[t][:, None] * e) / a_tab[t][:, None] + s_tab[s][:, None] * e
 
     x_t = a_tab[t][:, None] * x0 + s_tab[t][:, None] * eps
@@ -194,6 +195,21 @@ def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path, te
     for (name, p), q, e in zip(trainer.model.named_parameters(), model.parameters(), target_net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(trainer.target_params[name], e, rtol=1e-5, atol=1e-6)
+
+
+def test_consistency_training_steps_with_the_noise_its_input_implies(tmp_path):
+    """CT's ODE step from the clean x_t uses the batch's eps, bit for bit; from x_t + delta it uses
+    eps + delta / sqrt(1 - abar_t), the noise that makes x_t + delta a sample of x0 at t (as free
+    AT's shifted DPM target does), and lands on the forward process of that noise at s."""
+    trainer = Trainer(config(tmp_path, objective="ct", mode="free_at", adv_cm_target="consistent"))
+    (m,) = trainer._micro_batches()
+    a, sigma = trainer.schedule.sqrt_alphas_cumprod, trainer.schedule.sqrt_one_minus_alphas_cumprod
+    clean = cm.ode_step(lambda x, t: m["eps"], trainer.schedule, m["x_t"], m["t"], m["s"])
+    assert torch.equal(trainer._ode_step(m, m["x_t"]), clean)
+    delta = 0.3 * torch.randn_like(m["x_t"])
+    implied = m["eps"].double() + delta.double() / sigma[m["t"]][:, None]
+    forward = a[m["s"]][:, None] * m["x0"].double() + sigma[m["s"]][:, None] * implied
+    torch.testing.assert_close(trainer._ode_step(m, m["x_t"] + delta).double(), forward, rtol=1e-5, atol=1e-5)
 
 
 def test_distillation_starts_at_the_teacher_and_its_first_loss_is_its_own_inconsistency(tmp_path, teacher):

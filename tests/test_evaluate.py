@@ -153,28 +153,30 @@ def test_reproduce_consistency_protocol(tmp_path, feature_cache):
     assert "- **digits, NFE 2** (consistency, fd_adversarial): CD + free AT " in report
     for name in ("toy", "digits"):
         for nfe in (1, 2):
-            for label in ("CD + free AT", "CD + free AT (consistent)", "CT + free AT"):
+            for label in ("CD + free AT", "CD + free AT (consistent)", "CT + free AT", "CT + free AT (consistent)"):
                 assert f"- **{name}, NFE {nfe}** (consistency, {'swd' if name == 'toy' else 'fd'}): {label} " in report
     rows = read_csv(out / "results.csv")
-    assert len(rows) == 2 * 5 * 2   # data sets x methods x NFEs (one sampler, one seed)
-    assert {r["method"] for r in rows} == {"cd", "cd_free_at", "cd_free_at_consistent", "ct", "ct_free_at"}
+    assert len(rows) == 2 * 6 * 2   # data sets x methods x NFEs (one sampler, one seed)
+    assert {r["method"] for r in rows} == {"cd", "cd_free_at", "cd_free_at_consistent", "ct", "ct_free_at",
+                                           "ct_free_at_consistent"}
     assert {r["sampler"] for r in rows} == {"consistency"}
     comparisons = read_csv(out / "comparisons.csv")
     assert {(c["method"], c["baseline"], c["metric"]) for c in comparisons if c["dataset"] == "digits"} == {
-        (m, b, metric) for m, b in [("cd_free_at", "CD"), ("cd_free_at_consistent", "CD"), ("ct_free_at", "CT")]
-        for metric in ("fd", "fd_adversarial")}
+        (m, b, metric) for m, b in [("cd_free_at", "CD"), ("cd_free_at_consistent", "CD"), ("ct_free_at", "CT"),
+                                    ("ct_free_at_consistent", "CT")] for metric in ("fd", "fd_adversarial")}
     assert all(math.isfinite(float(r["fd_adversarial"])) for r in rows if r["dataset"] == "digits")
     pretrained = str(out / "digits" / "pretrain" / "checkpoint.pt")
     for method, objective, mode, target in [("cd", "cd", "standard", "invariant"),
                                             ("cd_free_at", "cd", "free_at", "invariant"),
                                             ("cd_free_at_consistent", "cd", "free_at", "consistent"),
                                             ("ct", "ct", "standard", "invariant"),
-                                            ("ct_free_at", "ct", "free_at", "invariant")]:
+                                            ("ct_free_at", "ct", "free_at", "invariant"),
+                                            ("ct_free_at_consistent", "ct", "free_at", "consistent")]:
         config = json.loads((out / "digits" / "seed0" / method / "config.json").read_text())
         assert (config["objective"], config["mode"], config["adv_cm_target"]) == (objective, mode, target)
         # a distillation starts as its teacher, consistency training from the pretrained weights
         assert (config["teacher"], config["init_from"]) == ((pretrained, "") if objective == "cd" else ("", pretrained))
         assert config["lr"] == 1e-4 and config["total_steps"] == 15   # the preset's fine-tune settings
-    assert result["skipped"] == [] and len(result["trained"]) == 12 and len(result["evaluated"]) == 10
+    assert result["skipped"] == [] and len(result["trained"]) == 14 and len(result["evaluated"]) == 12
     again = reproduce("smoke", out=out, progress=False, protocol="cm")
-    assert again["trained"] == [] and again["evaluated"] == [] and len(again["skipped"]) == 22
+    assert again["trained"] == [] and again["evaluated"] == [] and len(again["skipped"]) == 26
