@@ -353,11 +353,20 @@ def verdict(c, n_seeds):
     return "no difference beyond the seed spread"
 
 
+def sections(p):
+    """(heading, metric suffix) of the report's comparison sections: the primary metric and, with the
+    protocol's robustness budget, the primary metric under adversarially perturbed network inputs."""
+    clean = [(PROTOCOLS[p["protocol"]].question, "")]
+    if p["robustness"] is None:
+        return clean
+    return clean + [(f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)",
+                     "_adversarial")]
+
+
 def compared(p, name):
-    """The metrics compared on data set ``name``: its primary one and, with the protocol's robustness
-    budget, the primary one under adversarially perturbed network inputs."""
+    """The metrics compared on data set ``name``, one per report section."""
     primary = PRIMARY[data_kind(p["data"][name]["data"])]
-    return [primary] + ([f"{primary}_adversarial"] if p["robustness"] is not None else [])
+    return [primary + suffix for _, suffix in sections(p)]
 
 
 def aggregate(rows, p):
@@ -493,17 +502,15 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
               for info in features.values()]
     at_methods = list(dict.fromkeys(c[0] for c in protocol.comparisons))
-    headings = [protocol.question]   # one section per compared metric: clean, then perturbed inputs
-    if p["robustness"] is not None:
-        headings.append(f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)")
-    for i, heading in enumerate(headings):
+    primary = {name: PRIMARY[data_kind(s["data"])] for name, s in p["data"].items()}
+    for heading, suffix in sections(p):
         lines += [f"## {heading}\n"]
-        lines += [_overview(name, m, compared(p, name)[i], comparisons, p) + "  "
+        lines += [_overview(name, m, primary[name] + suffix, comparisons, p) + "  "
                   for name in p["data"] for m in at_methods]
         lines += ["\nDifference = AT method − baseline on the metric (negative: the AT method is better) "
                   "[95% paired interval] (relative to the baseline, paired t test).\n"]
         for name in p["data"]:
-            lines += [_statement(name, nfe, m, compared(p, name)[i], comparisons, p)
+            lines += [_statement(name, nfe, m, primary[name] + suffix, comparisons, p)
                       for m in at_methods for nfe in p["nfes"]] + [""]
     for name, settings in p["data"].items():
         for metric in compared(p, name):
