@@ -155,11 +155,11 @@ the teacher's EMA model, the student starting as its teacher, without AT, with f
 'invariant' target (the clean trajectory's), and with free AT and the 'consistent' target (the
 teacher's step from the perturbed input); consistency training (CT) from the teacher's weights in
 the same three ways (CT's 'consistent' step: the noise the perturbed input implies, eps + delta /
-sqrt(1 - abar_t)). Free AT: K = 3, adv_lr 0.1,
-adv_max_norm 0.1, K updates per batch. All use the defaults of `adv_dpm.consistency`: 50 grid
-intervals, DDIM teacher step, pseudo-Huber distance, target EMA 0.95. Each EMA model is sampled by
-multistep consistency sampling from the same initial noise, and again with every network input
-moved adversarially within an RMS of {robustness} per element (`adv-dpm evaluate --robustness`).
+sqrt(1 - abar_t)). Free AT: K = 3, adv_lr 0.1, adv_max_norm 0.1, K updates per batch. All use the
+defaults of `adv_dpm.consistency`: 50 grid intervals, DDIM teacher step, pseudo-Huber distance,
+target EMA 0.95. Each EMA model is sampled by multistep consistency sampling from the same initial
+noise, and again with every network input moved adversarially within an RMS of {robustness} per
+element (`adv-dpm evaluate --robustness`).
 """,
     robustness=0.05)
 PROTOCOLS = {"dpm": DPM, "cm": CM}
