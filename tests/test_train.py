@@ -54,6 +54,41 @@ def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _example(name):
+    """A module of examples/, as a user would run it (the folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_loop_is_the_papers_free_at(tmp_path):
+    """examples/free_at_loop.py, a training loop of its own on the public ops, takes PAPER.md's
+    updates; its script trains, samples and plots."""
+    import copy
+    from adv_dpm.models.mlp import MLPDenoiser
+    example = _example("free_at_loop")
+    schedule = Schedule.named("cosine", 100)
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, depth=2)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)   # a zero output layer has no input gradient
+    twin = copy.deepcopy(model)
+    x0, eps, t = torch.randn(16, 2), torch.randn(16, 2), torch.randint(100, (16,))
+    options = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin)]
+    example.free_at_batch(model, options[0], x0, t, eps, schedule.alphas_cumprod.float(), steps=3, adv_lr=0.5,
+                          adv_max_norm=0.3)
+    paper_free_at_batch(twin, options[1], schedule, x0, t, torch.ones(16, 1), eps, 3, 0.5, 0.3)
+    # the two take sqrt(abar) in float32 and float64: Adam's normalization magnifies that rounding where a
+    # gradient is near zero (a wrong update moves a weight by about lr = 1e-2)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    samples = example.main(["--pretrain", "2", "--updates", "3", "--out", str(tmp_path / "gmm.png")])
+    assert samples.shape == (2000, 2) and torch.isfinite(samples).all() and (tmp_path / "gmm.png").stat().st_size
+
+
 @pytest.mark.parametrize("mode, updates", [("standard", 1), ("ip", 1), ("free_at", 3), ("pgd_at", 1)])
 def test_updates_per_batch(tmp_path, mode, updates):
     trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3))
