@@ -100,7 +100,7 @@ def load_config(path):
 
 
 def train(args):
-    """Train (or resume, if the run directory holds a checkpoint) a diffusion model."""
+    """Train (or resume, if the run directory holds a checkpoint) a diffusion or consistency model."""
     from .train import TrainConfig, Trainer
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     settings = load_config(args.config) if args.config else {}

@@ -409,7 +409,8 @@ def aggregate(rows, p):
 
 def _machine():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}; {platform.platform()}"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch threads {threads}, {gpu}; {platform.platform()}"
 
 
 def _versions():
