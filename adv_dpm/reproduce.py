@@ -203,11 +203,14 @@ def _train_config(settings, run_dir, seed, **overrides):
 def _train_job(config, log):
     """Train ``config`` unless its run directory says it is done; returns (seconds, ran)."""
     run_dir = Path(config.run_dir)
-    done, wanted = run_dir / "done.json", dataclasses.asdict(config)
+    done = run_dir / "done.json"
     if (run_dir / "config.json").exists():
-        before = json.loads((run_dir / "config.json").read_text())
-        if before != json.loads(json.dumps(wanted)):
-            changed = sorted(k for k in wanted if before.get(k) != wanted[k])
+        as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))   # noqa: E731 (tuples become lists)
+        # a setting added to TrainConfig after the run was written, at its default, is not a change
+        before = {**as_json(TrainConfig()), **json.loads((run_dir / "config.json").read_text())}
+        wanted = as_json(config)
+        changed = sorted(k for k in wanted if before[k] != wanted[k])
+        if changed:
             raise ValueError(f"out: {run_dir} holds a run with other settings ({', '.join(changed)}); "
                              f"use another --out folder")
     if done.exists():

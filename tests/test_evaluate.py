@@ -101,6 +101,21 @@ def test_statistics_over_seeds():
     assert math.isnan(paired([2.0], [1.0])["p"])
 
 
+def test_reproduce_reuses_a_finished_run_written_before_a_setting_existed_and_refuses_a_changed_one(tmp_path):
+    import dataclasses
+    from adv_dpm.reproduce import _train_job
+    from adv_dpm.train import TrainConfig
+    config = TrainConfig(run_dir=str(tmp_path / "run"), total_steps=5)
+    saved = dataclasses.asdict(config)
+    del saved["adv_cm_target"]   # a setting added since, at its default
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "run" / "done.json").write_text(json.dumps({"seconds": 1.5, "step": 5}))
+    assert _train_job(config, print) == (1.5, False)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(adv_cm_target, lr\)"):
+        _train_job(dataclasses.replace(config, lr=0.5, adv_cm_target="consistent"), print)
+
+
 @pytest.mark.slow
 def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     out = tmp_path / "smoke"
