@@ -148,7 +148,9 @@ def evaluate(args):
     out = args.out or str(Path(args.checkpoint).parent / "eval")
     rows = run(args.checkpoint, samplers=args.samplers and [s for s in args.samplers.split(",") if s], nfes=args.nfes,
                num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
-               exposure=args.exposure, robustness_budget=args.robustness, inception=args.inception,
+               exposure=args.exposure, robustness_budget=args.robustness,
+               robustness_samplers=args.robustness_samplers and [s for s in args.robustness_samplers.split(",") if s],
+               inception=args.inception,
                feature_cache=args.feature_cache, ema=args.ema, batch_size=args.batch_size, device=args.device)
     print(f"{len(rows)} cells: {out}/results.md (results.csv, results.json, *_vs_nfe.png)")
 
@@ -157,7 +159,7 @@ def reproduce(args):
     """The paper's protocols at laptop scale (pretrain, fine-tunes per seed, grid evaluation, report); resumable."""
     from .reproduce import reproduce as run
     result = run(args.preset, args.data, args.out, args.nfes, command="adv-dpm " + shlex.join(args.argv),
-                 protocol=args.protocol)
+                 protocol=args.protocol, robustness=args.robustness)
     print(f"report: {result['report']}")
 
 
@@ -208,6 +210,8 @@ def main(argv=None):
     p.add_argument("--exposure", action="store_true", help="add the exposure-bias ratio (mean over steps)")
     p.add_argument("--robustness", type=float, default=None, metavar="BUDGET",
                    help="add the primary metric under random and adversarial input perturbation of this L2 budget")
+    p.add_argument("--robustness-samplers", default=None, metavar="SAMPLERS",
+                   help="comma-separated samplers whose cells --robustness scores (default: all)")
     p.add_argument("--inception", default=None, metavar="PATH", help="local TorchScript FID Inception: adds 'fid'")
     p.add_argument("--feature-cache", default=None, help="folder of the cached feature network")
     p.add_argument("--ema", type=float, default=None, help="EMA rate to use (default: the run's first)")
@@ -225,6 +229,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>, for 'cm' "
                    "runs/reproduce-cm-<preset>); rerun to resume")
     p.add_argument("--nfes", type=_int_list, default=None, help="comma-separated NFEs (default: the preset's)")
+    p.add_argument("--robustness", type=float, default=None, metavar="BUDGET",
+                   help="also score and compare under adversarially perturbed network inputs of this RMS budget "
+                   "per element (default: the protocol's, cm 0.05; dpm none, with a budget: the DDIM cells)")
     p.set_defaults(run=reproduce)
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -53,7 +53,8 @@ class Protocol:
                        # pretraining and, under 'finetune', of the fine-tunes where they differ)
     text: str          # the report's protocol section
     robustness: float = None   # also score and compare under adversarially perturbed network inputs of this
-                               # budget (``evaluate``'s robustness_budget)
+                               # budget (``evaluate``'s robustness_budget; ``reproduce(robustness=...)`` overrides)
+    robustness_samplers: tuple = None   # ... in the cells of these samplers (None: all)
 
 
 AT = dict(adv_steps=3, adv_lr=0.1, adv_max_norm=0.1)   # PAPER.md's defaults
@@ -76,6 +77,7 @@ DPM = Protocol(
     comparisons=(("free_at", "standard", "standard", None), ("free_at", "ip", "DDPM-IP", None),
                  ("free_at", "standard", "standard + ES", {"ddpm": "ddpm-es"}), ("free_at", "pgd_at", "PGD AT", None)),
     samplers=SAMPLERS,
+    robustness_samplers=("ddim",),   # perturbed sampling costs about six times the clean one
     # Budgets sized from speeds measured on a 2-core CPU (2 torch threads): digits-tiny at batch 64 takes 53 / 58 /
     # 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one grid evaluation
     # (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end: smoke about
@@ -175,8 +177,9 @@ reported are its mean, its 95% t interval, the relative change and the paired t 
 """
 
 
-def plan(preset, data="both", nfes=None, protocol="dpm"):
-    """The resolved settings of a run: protocol, seeds, NFEs, samplers and per data set the budgets."""
+def plan(preset, data="both", nfes=None, protocol="dpm", robustness=None):
+    """The resolved settings of a run: protocol, seeds, NFEs, samplers, the robustness budget (``robustness``,
+    else the protocol's) and its samplers, and per data set the budgets."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
     presets = PROTOCOLS[protocol].presets
@@ -189,8 +192,13 @@ def plan(preset, data="both", nfes=None, protocol="dpm"):
     nfes = list(p["nfes"] if nfes is None else nfes)
     if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
         raise ValueError(f"nfes: every NFE must be an integer >= 1, got {nfes!r}")
+    proto = PROTOCOLS[protocol]
+    robustness = proto.robustness if robustness is None else robustness
+    if robustness is not None and not (isinstance(robustness, (int, float)) and 0 < robustness < math.inf):
+        raise ValueError(f"robustness: expected a finite budget > 0, got {robustness!r}")
+    robust = [] if robustness is None else list(proto.robustness_samplers or proto.samplers)
     return {"protocol": protocol, "preset": preset, "seeds": p["seeds"], "nfes": nfes,
-            "samplers": list(PROTOCOLS[protocol].samplers), "robustness": PROTOCOLS[protocol].robustness,
+            "samplers": list(proto.samplers), "robustness": robustness, "robustness_samplers": robust,
             "data": {name: {**DATA[name], **p[name]} for name in names[data]}}
 
 
@@ -229,12 +237,16 @@ def _eval_job(checkpoint, out_dir, settings, p, seed, log):
     if path.exists():
         stored = json.loads(path.read_text())
         s = stored["settings"]
-        grid = (s["samplers"], s["nfes"], s["num_samples"], s["seed"], s.get("robustness_budget"))
-        if grid == (p["samplers"], p["nfes"], settings["eval_samples"], seed, p["robustness"]):
+        # results from before robustness_samplers existed scored every sampler under a budget
+        robust = s.get("robustness_samplers", s["samplers"] if s.get("robustness_budget") is not None else [])
+        grid = (s["samplers"], s["nfes"], s["num_samples"], s["seed"], s.get("robustness_budget"), robust)
+        if grid == (p["samplers"], p["nfes"], settings["eval_samples"], seed, p["robustness"],
+                    p["robustness_samplers"]):
             return stored["rows"], sum(r["seconds"] for r in stored["rows"]), False
     log(f"evaluate {checkpoint}")
     rows = evaluate(checkpoint, samplers=p["samplers"], nfes=p["nfes"], num_samples=settings["eval_samples"], seed=seed,
-                    out_dir=out_dir, exposure=True, robustness_budget=p["robustness"], progress=False, plots=False)
+                    out_dir=out_dir, exposure=True, robustness_budget=p["robustness"],
+                    robustness_samplers=p["robustness_samplers"], progress=False, plots=False)
     return rows, sum(r["seconds"] for r in rows), True
 
 
@@ -243,14 +255,17 @@ def default_out(protocol, preset):
     return Path("runs") / (f"reproduce-{preset}" if protocol == "dpm" else f"reproduce-{protocol}-{preset}")
 
 
-def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, progress=True, protocol="dpm"):
+def reproduce(preset="quick", data="both", out=None, nfes=None, command=None, progress=True, protocol="dpm",
+              robustness=None):
     """Run (or resume) a protocol ('dpm' or 'cm'); returns {'out', 'report', 'trained', 'evaluated',
-    'skipped'} (the run and evaluation folders of each kind of outcome in this call)."""
-    p = plan(preset, data, nfes, protocol)
+    'skipped'} (the run and evaluation folders of each kind of outcome in this call). ``robustness``:
+    the budget of the perturbed-input scoring (default: the protocol's)."""
+    p = plan(preset, data, nfes, protocol, robustness)
     methods = PROTOCOLS[protocol].methods
     out = Path(out or default_out(protocol, preset))
     flags = ["--protocol", protocol, "--preset", preset, "--data", data, "--out", str(out)]
     flags += ["--nfes", ",".join(map(str, nfes))] if nfes else []
+    flags += ["--robustness", str(robustness)] if robustness is not None else []
     command = command or "adv-dpm reproduce " + shlex.join(flags)
     start = time.perf_counter()
     total = len(p["data"]) * (1 + 2 * len(methods) * len(p["seeds"]))
@@ -357,24 +372,23 @@ def verdict(c, n_seeds):
 
 
 def sections(p):
-    """(heading, metric suffix) of the report's comparison sections: the primary metric and, with the
-    protocol's robustness budget, the primary metric under adversarially perturbed network inputs."""
-    clean = [(PROTOCOLS[p["protocol"]].question, "")]
+    """(heading, metric suffix, samplers) of the report's comparison sections: the primary metric and,
+    with a robustness budget, the primary metric under adversarially perturbed network inputs."""
+    clean = [(PROTOCOLS[p["protocol"]].question, "", p["samplers"])]
     if p["robustness"] is None:
         return clean
     return clean + [(f"Under adversarially perturbed network inputs (RMS {p['robustness']} per element)",
-                     "_adversarial")]
+                     "_adversarial", p["robustness_samplers"])]
 
 
-def compared(p, name):
-    """The metrics compared on data set ``name``, one per report section."""
-    primary = PRIMARY[data_kind(p["data"][name]["data"])]
-    return [primary + suffix for _, suffix in sections(p)]
+def primary_metric(p, name):
+    """The primary metric of data set ``name``: swd on 2-D data, fd on images."""
+    return PRIMARY[data_kind(p["data"][name]["data"])]
 
 
 def aggregate(rows, p):
     """Summary rows (mean and interval of every metric per data set, method, sampler, NFE) and the
-    protocol's comparisons (each AT method against its baselines) on each data set's ``compared`` metrics."""
+    protocol's comparisons (each AT method against its baselines) in each of the report's ``sections``."""
     cells = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["method"], r["sampler"], r["nfe"]), []).append(r)
@@ -391,9 +405,10 @@ def aggregate(rows, p):
             group = sorted(cells.get((name, method, sampler, nfe), []), key=lambda r: r["seed"])
             return [float(r[metric]) for r in group]
 
-        for metric in compared(p, name):
+        for _, suffix, samplers in sections(p):
+            metric = primary_metric(p, name) + suffix
             for method, baseline, label, baseline_sampler in PROTOCOLS[p["protocol"]].comparisons:
-                for sampler in p["samplers"] if baseline_sampler is None else baseline_sampler:
+                for sampler in samplers if baseline_sampler is None else [s for s in baseline_sampler if s in samplers]:
                     for nfe in p["nfes"]:
                         at = values(method, sampler, nfe, metric)
                         base = values(baseline, sampler if baseline_sampler is None else baseline_sampler[sampler],
@@ -427,12 +442,12 @@ def _ci(mean, lo, hi):
     return f"{fmt(mean)}" if math.isnan(lo) else f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
 
 
-def _statement(name, nfe, method, metric, comps, p):
-    """One data set, NFE and AT method: against each of its baselines with the first sampler, then
-    against its first baseline with the other samplers."""
+def _statement(name, nfe, method, metric, samplers, comps, p):
+    """One data set, NFE and AT method: against each of its baselines with the first of ``samplers``,
+    then against its first baseline with the others."""
     label = PROTOCOLS[p["protocol"]].methods[method][0]
     mine = [c for c in comps if (c["dataset"], c["nfe"], c["method"], c["metric"]) == (name, nfe, method, metric)]
-    first = p["samplers"][0]
+    first = samplers[0]
     head, *rest = [c for c in mine if c["sampler"] == first]
     text = (f"- **{name}, NFE {nfe}** ({first}, {head['metric']}): {label} {fmt(head['mean'])} vs {head['baseline']} "
             f"{fmt(head['baseline_mean'])}, difference {_diff(head)}: **{label}: {head['verdict']}**.")
@@ -446,10 +461,10 @@ def _statement(name, nfe, method, metric, comps, p):
     return text
 
 
-def _overview(name, method, metric, comps, p):
+def _overview(name, method, metric, samplers, comps, p):
     """One line per data set and AT method: at which NFEs it is better / worse than its first
-    baseline with the first sampler."""
-    first, groups = p["samplers"][0], {}
+    baseline with the first of ``samplers``."""
+    first, groups = samplers[0], {}
     mine = [c for c in comps if (c["dataset"], c["method"], c["sampler"], c["metric"]) == (name, method, first, metric)]
     for c in mine:
         if c["baseline"] == mine[0]["baseline"]:
@@ -467,10 +482,10 @@ def _diff(c):
     return f"{fmt(c['diff'])}{ci}" + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _metric_tables(name, metric, summary, p):
+def _metric_tables(name, metric, samplers, summary, p):
     """Markdown: per sampler, methods x NFE of ``metric`` (mean ± interval)."""
     lines = []
-    for sampler in p["samplers"]:
+    for sampler in samplers:
         table = []
         for method, (label, _) in PROTOCOLS[p["protocol"]].methods.items():
             row = {"method": label}
@@ -499,30 +514,35 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     lines = [f"# Reproduction report: protocol `{p['protocol']}`, preset `{p['preset']}`\n",
              f"Command: `{command}`\n",
              f"Versions: {_versions()}  \nMachine: {_machine()}  \nWritten: {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
-             protocol.text.format(pretrain_seed=PRETRAIN_SEED, robustness=protocol.robustness),
+             protocol.text.format(pretrain_seed=PRETRAIN_SEED, robustness=p["robustness"]),
              SHARED_TEXT.format(seeds=p["seeds"], nfes=p["nfes"]),
              markdown_table(settings, ["data set", "data", "model", "model_overrides", "batch_size", "lr",
                                        "pretrain_steps", "finetune_steps", "finetune", "ema_rate", "eval_samples"])]
     lines += [f"Feature network for {info['data']}: held-out accuracy {info['accuracy']:.3f}.\n"
               for info in features.values()]
     at_methods = list(dict.fromkeys(c[0] for c in protocol.comparisons))
-    primary = {name: PRIMARY[data_kind(s["data"])] for name, s in p["data"].items()}
-    for heading, suffix in sections(p):
+    for heading, suffix, samplers in sections(p):
         lines += [f"## {heading}\n"]
-        lines += [_overview(name, m, primary[name] + suffix, comparisons, p) + "  "
+        if suffix:
+            lines += [f"Every network input moved adversarially within an RMS of {p['robustness']} per element "
+                      f"(`adv-dpm evaluate --robustness`), sampler(s) {', '.join(samplers)}.\n"]
+        lines += [_overview(name, m, primary_metric(p, name) + suffix, samplers, comparisons, p) + "  "
                   for name in p["data"] for m in at_methods]
         lines += ["\nDifference = AT method − baseline on the metric (negative: the AT method is better) "
                   "[95% paired interval] (relative to the baseline, paired t test).\n"]
         for name in p["data"]:
-            lines += [_statement(name, nfe, m, primary[name] + suffix, comparisons, p)
+            lines += [_statement(name, nfe, m, primary_metric(p, name) + suffix, samplers, comparisons, p)
                       for m in at_methods for nfe in p["nfes"]] + [""]
     for name, settings in p["data"].items():
-        for metric in compared(p, name):
+        compared = []
+        for _, suffix, samplers in sections(p):
+            metric = primary_metric(p, name) + suffix
+            compared.append(metric)
             lines.append(f"## {name}: {metric} (mean ± 95% interval over {len(p['seeds'])} seed(s))\n")
-            lines += _metric_tables(name, metric, summary, p)
-            lines.append(f"![{name} {metric}](plots/{_plot(out, name, metric, summary, p).name})\n")
-        other = [m for m in metric_names if m not in compared(p, name) and any((s["dataset"], s["metric"]) == (name, m)
-                                                                               for s in summary)]
+            lines += _metric_tables(name, metric, samplers, summary, p)
+            lines.append(f"![{name} {metric}](plots/{_plot(out, name, metric, samplers, summary, p).name})\n")
+        other = [m for m in metric_names if m not in compared and any((s["dataset"], s["metric"]) == (name, m)
+                                                                      for s in summary)]
         lines.append(f"Other metrics ({', '.join(other)}): summary.csv; per seed: results.csv.\n")
     phases = [{"phase": k, "seconds": v} for k, v in {**timings, **wall}.items()]
     lines += ["## Wall time\n", markdown_table(phases, ["phase", "seconds"]),
@@ -532,10 +552,10 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
     return out / "report.md"
 
 
-def _plot(out, name, metric, summary, p):
-    panels = {s: {} for s in p["samplers"]}
+def _plot(out, name, metric, samplers, summary, p):
+    panels = {s: {} for s in samplers}
     for s in summary:
-        if s["dataset"] == name and s["metric"] == metric:
+        if s["dataset"] == name and s["metric"] == metric and s["sampler"] in panels:
             label = PROTOCOLS[p["protocol"]].methods[s["method"]][0]
             panels[s["sampler"]].setdefault(label, []).append((s["nfe"], s["mean"], s["lo"], s["hi"]))
     return plot_vs_nfe(panels, out / "plots" / f"{name}_{metric}.png", metric, f"{name}: {metric}, mean ± 95% CI")

@@ -58,6 +58,15 @@ def test_evaluate_writes_table_and_plots(toy_checkpoint, tmp_path):
     again = evaluate(toy_checkpoint, samplers=["ddpm"], nfes=[5], num_samples=32, seed=3, progress=False,
                      device="auto" if not torch.cuda.is_available() else "cpu")
     assert again[0]["swd"] == rows[1]["swd"] and again[0]["nll"] == rows[1]["nll"]
+    # the perturbed scoring in some samplers' cells only: the same scores there, none elsewhere
+    some = evaluate(toy_checkpoint, samplers=SAMPLERS, nfes=[2, 5], num_samples=32, seed=3, robustness_budget=0.05,
+                    robustness_samplers=["ddim"], progress=False, out_dir=tmp_path / "some")
+    for row, full in zip(some, rows):
+        assert ("swd_adversarial" in row) == (row["sampler"] == "ddim")
+        assert row.get("swd_adversarial", full["swd_adversarial"]) == full["swd_adversarial"]
+    with pytest.raises(ValueError, match="robustness_samplers: expected some of the samplers"):
+        evaluate(toy_checkpoint, samplers=["ddpm"], nfes=[2], num_samples=8, robustness_budget=0.05,
+                 robustness_samplers=["ddim"], progress=False)
 
 
 def test_evaluate_bad_input_names_the_argument(toy_checkpoint, tmp_path):
@@ -154,6 +163,17 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     def scores(table):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in table]
     assert scores(read_csv(out / "results.csv")) == scores(rows)   # the redone evaluation is deterministic
+    # with a robustness budget every evaluation is redone, scoring the DDIM cells under perturbed inputs too
+    fourth = reproduce("smoke", out=out, nfes=[5, 8], progress=False, robustness=0.05)
+    assert fourth["trained"] == [] and len(fourth["evaluated"]) == 8
+    report = (out / "report.md").read_text()
+    assert "--robustness 0.05" in report and "## Under adversarially perturbed network inputs (RMS 0.05" in report
+    assert "- **digits, NFE 8** (ddim, fd_adversarial): free AT " in report
+    comparisons = read_csv(out / "comparisons.csv")
+    perturbed = [c for c in comparisons if c["metric"].endswith("_adversarial")]
+    assert {c["sampler"] for c in perturbed} == {"ddim"}
+    assert {c["baseline"] for c in perturbed} == {"standard", "DDPM-IP", "PGD AT"}
+    assert (out / "plots" / "toy_swd_adversarial.png").is_file()
 
 
 
