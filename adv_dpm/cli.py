@@ -135,6 +135,10 @@ def sample(args):
     print(f"samples: {out.with_suffix('.npz')}" + (f" and {out.with_suffix('.png')}" if x.dim() == 4 else ""))
 
 
+def _name_list(text):
+    return [v for v in text.split(",") if v]
+
+
 def _int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -146,11 +150,9 @@ def evaluate(args):
     """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
     from .evaluate import evaluate as run
     out = args.out or str(Path(args.checkpoint).parent / "eval")
-    rows = run(args.checkpoint, samplers=args.samplers and [s for s in args.samplers.split(",") if s], nfes=args.nfes,
-               num_samples=args.num_samples, seed=args.seed, out_dir=out, es_lambda=args.es_lambda,
-               exposure=args.exposure, robustness_budget=args.robustness,
-               robustness_samplers=args.robustness_samplers and [s for s in args.robustness_samplers.split(",") if s],
-               inception=args.inception,
+    rows = run(args.checkpoint, samplers=args.samplers, nfes=args.nfes, num_samples=args.num_samples, seed=args.seed,
+               out_dir=out, es_lambda=args.es_lambda, exposure=args.exposure, robustness_budget=args.robustness,
+               robustness_samplers=args.robustness_samplers, inception=args.inception,
                feature_cache=args.feature_cache, ema=args.ema, batch_size=args.batch_size, device=args.device)
     print(f"{len(rows)} cells: {out}/results.md (results.csv, results.json, *_vs_nfe.png)")
 
@@ -199,7 +201,8 @@ def main(argv=None):
     from .evaluate import CM_NFES, CM_SAMPLERS, ES_LAMBDA, PAPER_NFES, SAMPLERS
     p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
     p.add_argument("checkpoint", help="checkpoint.pt of a training run (its EMA weights are evaluated)")
-    p.add_argument("--samplers", default=None, help=f"comma-separated, some of {','.join(SAMPLERS)} (default: all); "
+    p.add_argument("--samplers", type=_name_list, default=None,
+                   help=f"comma-separated, some of {','.join(SAMPLERS)} (default: all); "
                    f"for a consistency model {','.join(CM_SAMPLERS)}")
     p.add_argument("--nfes", type=_int_list, default=None,
                    help=f"comma-separated (default: the paper's, {','.join(map(str, PAPER_NFES))}; for a consistency "
@@ -210,7 +213,7 @@ def main(argv=None):
     p.add_argument("--exposure", action="store_true", help="add the exposure-bias ratio (mean over steps)")
     p.add_argument("--robustness", type=float, default=None, metavar="BUDGET",
                    help="add the primary metric under random and adversarial input perturbation of this L2 budget")
-    p.add_argument("--robustness-samplers", default=None, metavar="SAMPLERS",
+    p.add_argument("--robustness-samplers", type=_name_list, default=None, metavar="SAMPLERS",
                    help="comma-separated samplers whose cells --robustness scores (default: all)")
     p.add_argument("--inception", default=None, metavar="PATH", help="local TorchScript FID Inception: adds 'fid'")
     p.add_argument("--feature-cache", default=None, help="folder of the cached feature network")

@@ -84,6 +84,10 @@ def test_evaluate_bad_input_names_the_argument(toy_checkpoint, tmp_path):
         cli.main(["evaluate", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit, match="nfes"):
         cli.main(["evaluate", str(toy_checkpoint), "--nfes", "0"])
+    # both comma-separated lists reach evaluate, which checks one against the other
+    with pytest.raises(SystemExit, match=r"some of the samplers \['ddim', 'ddpm'\], got \['ddim', 'dpm_solver\+\+'\]"):
+        cli.main(["evaluate", str(toy_checkpoint), "--samplers", "ddim,ddpm", "--nfes", "2", "--robustness", "0.05",
+                  "--robustness-samplers", "ddim,dpm_solver++"])
     with pytest.raises(ValueError, match="preset"):
         reproduce("huge", out=tmp_path)
     with pytest.raises(ValueError, match="nfes"):
