@@ -6,6 +6,12 @@ parameter gradients and dLoss/d(x_t + delta), from which ``update`` takes the no
 ascent step and projects onto ||delta|| <= sqrt(d) * max_norm, writing the next input and
 target in the same pass (``adv_dpm.adv_step_inject``). No extra forward or backward pass.
 A consistency model's perturbation moves the input alone (no ``eps``): ``adv_dpm.adv_step``.
+
+With the 'noise' budget the step length and the radius are per sample multiples of its noise
+level sqrt(1 - abar_t): the ascent runs on u = delta / sqrt(1 - abar_t), the change of the noise
+eps that the perturbed input implies (the per-sample gradient normalization makes the direction
+the same), so that at small t delta does not swamp the noise (DDPM-IP scales its input
+perturbation the same way).
 """
 import math
 from dataclasses import dataclass
@@ -15,6 +21,8 @@ import torch
 from .ops import adv_step, adv_step_inject
 from .ops.checks import TARGETS
 
+BUDGETS = ("input", "noise")
+
 
 @dataclass(frozen=True)
 class AdversarialConfig:
@@ -22,6 +30,8 @@ class AdversarialConfig:
     lr: float = 0.1                 # adv_lr: L2 length of each ascent step
     max_norm: float = 0.1           # adv_max_norm: radius per element, rho = sqrt(d) * max_norm
     target: str = "delta_detach"    # 'delta_detach' | 'delta' | 'original'
+    budget: str = "input"           # 'input': lr and max_norm in units of x_t (PAPER.md); 'noise': per sample
+                                    # in units of its noise level sqrt(1 - abar_t)
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -32,6 +42,8 @@ class AdversarialConfig:
                 raise ValueError(f"adversarial {name} must be a finite number >= 0, got {value!r}")
         if self.target not in TARGETS:
             raise ValueError(f"adversarial target must be one of {TARGETS}, got {self.target!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"adversarial budget must be one of {BUDGETS}, got {self.budget!r}")
 
 
 class Perturbation:
@@ -44,6 +56,7 @@ class Perturbation:
     def __init__(self, x_t, eps, c_noise, config: AdversarialConfig):
         self.x_t, self.eps, self.c_noise, self.config = x_t, eps, c_noise, config
         self.delta = torch.zeros_like(x_t)
+        self.u = torch.zeros_like(x_t) if config.budget == "noise" else None   # delta / c_noise
         self.x_in, self.target = x_t, eps
         self.radius = math.sqrt(x_t[0].numel()) * config.max_norm
         # Samples whose gradient was not finite (their delta was kept): a count on the device, read
@@ -63,7 +76,9 @@ class Perturbation:
         """The ascent step from the gradients the replay's backward left on ``inputs()``."""
         if x_in.grad is None:
             raise RuntimeError("Perturbation.update: x_in has no gradient; call backward() on the replay's loss first")
-        if self.eps is None:
+        if self.u is not None:
+            step = self._noise_step(x_in.grad, target, grad_scale)
+        elif self.eps is None:
             step = adv_step(self.delta, x_in.grad, self.config.lr, self.radius, grad_scale)
             self.delta, self.x_in = step.delta, self.x_t + step.delta
         else:
@@ -72,4 +87,20 @@ class Perturbation:
                                    self.radius, self.config.target, grad_target, grad_scale)
             self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
         self.skipped += step.skipped.sum()
+        return step
+
+    def _noise_step(self, grad_x, target, grad_scale):
+        """The step of the 'noise' budget, on u = delta / c_noise: dL/du = c_noise * dL/ddelta,
+        the same direction per sample, so adv_step takes dL/ddelta (with, under 'delta', the
+        target's share dL/dtarget / c_noise)."""
+        c = self.c_noise.reshape(-1, *[1] * (self.x_t.dim() - 1))
+        grad = grad_x
+        if self.eps is not None and self.config.target == "delta":
+            grad = grad_x + target.grad / c
+        step = adv_step(self.u, grad, self.config.lr, self.radius, grad_scale)
+        self.u = step.delta
+        self.delta = (c * self.u).to(self.x_t.dtype)
+        self.x_in = self.x_t + self.delta
+        if self.eps is not None:
+            self.target = self.eps if self.config.target == "original" else self.eps + self.u.to(self.eps.dtype)
         return step

@@ -52,6 +52,8 @@ class TrainConfig:
     adv_lr: float = 0.1                  # L2 length of each ascent step on delta
     adv_max_norm: float = 0.1            # per-element radius: ||delta|| <= sqrt(d) * adv_max_norm
     adv_target: str = "delta_detach"     # 'delta_detach' | 'delta' | 'original'
+    adv_budget: str = "input"            # 'input': adv_lr, adv_max_norm in units of x_t (PAPER.md) | 'noise':
+                                         # per sample in units of its noise level sqrt(1 - abar_t)
     ip_gamma: float = 0.1                # DDPM-IP input perturbation strength
     objective: str = "diffusion"         # 'diffusion' (epsilon prediction) | 'cd' (consistency distillation of
                                          # `teacher`) | 'ct' (consistency training); see adv_dpm.consistency
@@ -138,7 +140,7 @@ class TrainConfig:
         return rates
 
     def adversarial(self):
-        return AdversarialConfig(self.adv_steps, self.adv_lr, self.adv_max_norm, self.adv_target)
+        return AdversarialConfig(self.adv_steps, self.adv_lr, self.adv_max_norm, self.adv_target, self.adv_budget)
 
     @property
     def replays(self):
@@ -396,7 +398,7 @@ class Trainer:
             if self.consistency:   # the perturbation moves the input only; the target follows from x_s
                 m["s"] = s[part]
                 m["x_s"] = self._ode_step(m, m["x_t"])
-                m["perturbation"] = Perturbation(m["x_t"], None, None, self.cfg.adversarial())
+                m["perturbation"] = Perturbation(m["x_t"], None, m["c_noise"], self.cfg.adversarial())
             else:
                 m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial())
             micro.append(m)

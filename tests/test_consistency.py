@@ -125,10 +125,10 @@ def test_multistep_sampling_visits_the_grid_from_its_top():
 
 
 def paper_cm_free_at_batch(model, target, optimizer, schedule, x0, t, s, eps, steps, lr, max_norm, mu, at_target,
-                           teacher=None):
+                           teacher=None, budget="input"):
     """PAPER.md's CM-AT loop for one batch in plain PyTorch: LCM's boundary, the DDIM teacher
     step (cd) or the step of the noise x implies given x0 (ct), pseudo-Huber distance, the target
-    an EMA of rate mu."""
+    an EMA of rate mu; budget 'noise' scales each sample's step and radius by its s_t."""
     a_tab, s_tab = schedule.sqrt_alphas_cumprod.float(), schedule.sqrt_one_minus_alphas_cumprod.float()
     T = schedule.num_timesteps
 
@@ -147,6 +147,8 @@ def paper_cm_free_at_batch(model, target, optimizer, schedule, x0, t, s, eps, st
         x_s = step_to_s(x_t)
     delta = torch.zeros_like(x0)
     rho = math.sqrt(x0[0].numel()) * max_norm
+    if budget == "noise":
+        lr, rho = lr * s_tab[t][:, None], rho * s_tab[t][:, None]
     c = 0.00054 * math.sqrt(x0[0].numel())
     for k in range(steps):
         x_adv = (x_t + delta).detach().requires_grad_()
@@ -169,15 +171,16 @@ def paper_cm_free_at_batch(model, target, optimizer, schedule, x0, t, s, eps, st
                     x_s = step_to_s(x_t + delta)
 
 
-@pytest.mark.parametrize("objective", ["ct", "cd"])
-@pytest.mark.parametrize("at_target", cm.AT_TARGETS)
-def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path, teacher, objective, at_target):
+@pytest.mark.parametrize("objective, at_target, budget", [
+    *[(o, a, "input") for o in ("ct", "cd") for a in cm.AT_TARGETS], ("ct", "consistent", "noise"),
+    ("cd", "invariant", "noise")])
+def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path, teacher, objective, at_target, budget):
     import copy
     # cd: the student starts from the teacher's last weights, not its EMA (the teacher): a student
     # equal to its teacher has losses so small that Adam's updates amplify float32 rounding
     settings = dict(objective=objective, teacher=teacher if objective == "cd" else "", mode="free_at", adv_steps=3,
                     adv_lr=0.5, adv_max_norm=0.3, lr=1e-2, target_ema=0.5, adv_cm_target=at_target,
-                    init_from=teacher if objective == "cd" else "")
+                    init_from=teacher if objective == "cd" else "", adv_budget=budget)
     trainer = Trainer(config(tmp_path, **settings))
     model = copy.deepcopy(trainer.model)
     target_net = copy.deepcopy(trainer.model)
@@ -190,7 +193,7 @@ def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path, te
     t, s = trainer.grid[n + 1], trainer.grid[n]
     trainer.train_batch()
     paper_cm_free_at_batch(model, target_net, optimizer, trainer.schedule, x0, t, s, eps, 3, 0.5, 0.3, 0.5, at_target,
-                           trainer.teacher and trainer.teacher.model)
+                           trainer.teacher and trainer.teacher.model, budget)
     assert trainer.step == 3
     for (name, p), q, e in zip(trainer.model.named_parameters(), model.parameters(), target_net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -18,12 +18,15 @@ def config(tmp_path, **kw):
     return TrainConfig(**{**TOY, "run_dir": str(tmp_path / "run"), **kw})
 
 
-def paper_free_at_batch(model, optimizer, schedule, x0, t, w, eps, steps, lr, max_norm):
-    """PAPER.md's free-AT loop for one batch, in plain PyTorch (target 'delta_detach', no VLB term)."""
+def paper_free_at_batch(model, optimizer, schedule, x0, t, w, eps, steps, lr, max_norm, budget="input"):
+    """PAPER.md's free-AT loop for one batch, in plain PyTorch (target 'delta_detach', no VLB term);
+    budget 'noise' scales each sample's step and radius by its noise level s_t."""
     a = schedule.sqrt_alphas_cumprod.float()[t][:, None]
     s = schedule.sqrt_one_minus_alphas_cumprod.float()[t][:, None]
     delta = torch.zeros_like(x0)
     rho = math.sqrt(x0[0].numel()) * max_norm
+    if budget == "noise":
+        lr, rho = lr * s, rho * s
     for k in range(steps):
         x_adv = (a * x0 + s * eps + delta).detach().requires_grad_()
         target = eps + delta.detach() / s
@@ -38,8 +41,10 @@ def paper_free_at_batch(model, optimizer, schedule, x0, t, w, eps, steps, lr, ma
             delta = torch.where(norm > rho, delta * rho / norm, delta)
 
 
-def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path):
-    trainer = Trainer(config(tmp_path, mode="free_at", adv_steps=3, adv_lr=0.5, adv_max_norm=0.3, lr=1e-2))
+@pytest.mark.parametrize("budget", ["input", "noise"])
+def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path, budget):
+    trainer = Trainer(config(tmp_path, mode="free_at", adv_steps=3, adv_lr=0.5, adv_max_norm=0.3, lr=1e-2,
+                             adv_budget=budget))
     twin = Trainer(config(tmp_path, mode="standard", lr=1e-2))
     twin.model.load_state_dict(trainer.model.state_dict())
     # the batch the trainer will draw: same iterator position and noise generator
@@ -48,7 +53,7 @@ def test_free_at_matches_an_independent_implementation_of_the_paper(tmp_path):
     t, w = trainer.timesteps.sample(x0.shape[0], "cpu", generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     trainer.train_batch()
-    paper_free_at_batch(twin.model, twin.optimizer, twin.schedule, x0, t, w, eps, 3, 0.5, 0.3)
+    paper_free_at_batch(twin.model, twin.optimizer, twin.schedule, x0, t, w, eps, 3, 0.5, 0.3, budget)
     assert trainer.step == 3
     for (name, p), q in zip(trainer.model.named_parameters(), twin.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -117,6 +122,29 @@ def test_perturbation_counts_samples_whose_gradient_is_not_finite():
         x_in.grad[bad] = float("nan")
         perturbation.update(x_in, target)
     assert int(perturbation.skipped) == 3
+
+
+def test_noise_budget_steps_on_the_implied_noise_with_the_targets_gradient():
+    """Budget 'noise' under target 'delta': u = delta / c moves by lr along dL/du = c dL/dx + dL/dtarget,
+    normalized per sample, and is projected onto ||u|| <= sqrt(d) max_norm; the input is x_t + c u, the
+    target eps + u."""
+    from adv_dpm.adversarial import AdversarialConfig, Perturbation
+    gen = torch.Generator().manual_seed(0)
+    x_t, eps, grad_x, grad_target = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(4))
+    c = torch.tensor([0.05, 0.5, 1.0])
+    perturbation = Perturbation(x_t, eps, c, AdversarialConfig(lr=0.3, max_norm=0.05, target="delta", budget="noise"))
+    x_in, target = perturbation.inputs()
+    assert target.requires_grad
+    x_in.grad, target.grad = grad_x, grad_target
+    perturbation.update(x_in, target)
+    c4 = c[:, None, None, None]
+    g = (c4 * grad_x + grad_target).double()
+    u = 0.3 * g / g.flatten(1).norm(dim=1)[:, None, None, None]
+    rho = math.sqrt(32) * 0.05
+    u = u * (rho / u.flatten(1).norm(dim=1)).clamp(max=1)[:, None, None, None]
+    torch.testing.assert_close(perturbation.delta.double(), c4 * u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(perturbation.x_in.double(), x_t + c4 * u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(perturbation.target.double(), eps + u, rtol=1e-5, atol=1e-6)
 
 
 def test_resumed_run_continues_the_same_trajectory(tmp_path):
