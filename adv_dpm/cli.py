@@ -1,4 +1,4 @@
-"""The `adv-dpm` command: train, sample, evaluate, reproduce, info."""
+"""The `adv-dpm` command: train, sample, evaluate, compare, reproduce, info."""
 import argparse
 import dataclasses
 import inspect
@@ -157,6 +157,15 @@ def evaluate(args):
     print(f"{len(rows)} cells: {out}/results.md (results.csv, results.json, *_vs_nfe.png)")
 
 
+def compare(args):
+    """Compare evaluated runs with a baseline, paired over seeds (sampler x NFE: relative change, p)."""
+    from . import compare as cmp
+    rows = cmp.compare(args.baseline, args.runs, args.metrics)
+    print(cmp.report(rows))
+    if args.out:
+        print(f"written: {cmp.write(rows, args.out)} and compare.csv")
+
+
 def reproduce(args):
     """The paper's protocols at laptop scale (pretrain, fine-tunes per seed, grid evaluation, report); resumable."""
     from .reproduce import reproduce as run
@@ -222,6 +231,16 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.set_defaults(run=evaluate)
+
+    p = sub.add_parser("compare", help=compare.__doc__, description=compare.__doc__)
+    p.add_argument("baseline", help="folder or quoted glob pattern: the baseline's evaluations, one results.json "
+                   "per seed (e.g. 'runs/reproduce-cm-full/toy/seed*/ct')")
+    p.add_argument("runs", nargs="+", help="folders or quoted glob patterns of the runs to compare with it")
+    p.add_argument("--metrics", type=_name_list, default=None,
+                   help="comma-separated metric columns (default: the primary metric, swd or fd, and its scores "
+                   "under perturbed inputs where evaluated)")
+    p.add_argument("--out", default=None, help="also write compare.md and compare.csv to this folder")
+    p.set_defaults(run=compare)
 
     p = sub.add_parser("reproduce", help=reproduce.__doc__, description=reproduce.__doc__)
     p.add_argument("--protocol", default="dpm", choices=["dpm", "cm"],
