@@ -21,6 +21,7 @@ def test_runs_are_paired_by_seed_cell_by_cell(tmp_path, capsys):
         _evaluation(tmp_path / "base" / f"seed{seed}", seed, {1: b, 2: 10 * b})
         _evaluation(tmp_path / "run" / f"seed{seed}", seed, {1: r, 2: 10 * b})
     _evaluation(tmp_path / "run" / "seed7", 7, {1: 100.0, 2: 100.0})   # a seed the baseline lacks: left out
+    _evaluation(tmp_path / "base" / "seed9", 9, {1: 1 / 3, 2: 10 / 3})   # the run lacks: in the baseline's mean only
     rows = cmp.compare(str(tmp_path / "base"), [str(tmp_path / "run")])
     assert [(r["metric"], r["nfe"], r["n"]) for r in rows] == [("swd", 1, 3), ("swd", 2, 3)]
     one, two = rows
@@ -29,7 +30,7 @@ def test_runs_are_paired_by_seed_cell_by_cell(tmp_path, capsys):
     assert two["diff"] == 0 and two["verdict"] == "no difference beyond the seed spread"
     main(["compare", str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "compare.md").read_text()
-    assert "| consistency | 1 | 2.333 | **+8.6% (" in text and "| consistency | 2 | 23.33 | +0.0% (" in text
+    assert "| consistency | 1 | 1.833 | **+8.6% (" in text and "| consistency | 2 | 18.33 | +0.0% (" in text
     assert text in capsys.readouterr().out and (tmp_path / "out" / "compare.csv").read_text().count("\n") == 3
 
 
