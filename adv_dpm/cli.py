@@ -163,7 +163,7 @@ def compare(args):
     rows = cmp.compare(args.baseline, args.runs, args.metrics)
     print(cmp.report(rows))
     if args.out:
-        print(f"written: {cmp.write(rows, args.out)} and compare.csv")
+        print(f"written: {cmp.write(rows, args.out)} (compare.csv, compare_<metric>.png)")
 
 
 def reproduce(args):
@@ -239,7 +239,8 @@ def main(argv=None):
     p.add_argument("--metrics", type=_name_list, default=None,
                    help="comma-separated metric columns (default: the primary metric, swd or fd, and its scores "
                    "under perturbed inputs where evaluated)")
-    p.add_argument("--out", default=None, help="also write compare.md and compare.csv to this folder")
+    p.add_argument("--out", default=None, help="also write compare.md, compare.csv and a plot per metric to this "
+                   "folder")
     p.set_defaults(run=compare)
 
     p = sub.add_parser("reproduce", help=reproduce.__doc__, description=reproduce.__doc__)

@@ -9,9 +9,10 @@ with ``adv-dpm train --config <run>/config.json --<setting> ...`` for each seed 
 """
 import glob
 import json
+import math
 from pathlib import Path
 
-from .evaluate import PRIMARY, data_kind, markdown_table, metric_columns, write_csv
+from .evaluate import PRIMARY, data_kind, markdown_table, metric_columns, plot_vs_nfe, write_csv
 from .reproduce import paired, verdict
 from .utils import atomic_write
 
@@ -98,8 +99,22 @@ def report(rows):
     return "\n".join(lines)
 
 
+def plot(rows, out_dir):
+    """compare_<metric>.png: per sampler, each run's relative change against NFE with its 95% interval."""
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        panels = {}
+        for r in rows:
+            if r["metric"] == metric:
+                scale = 100 / abs(r["baseline_mean"]) if r["baseline_mean"] else math.nan
+                panels.setdefault(r["sampler"], {}).setdefault(r["run"], []).append(
+                    (r["nfe"], r["diff"] * scale, r["diff_lo"] * scale, r["diff_hi"] * scale))
+        plot_vs_nfe(panels, Path(out_dir) / f"compare_{metric}.png", f"{metric}: change vs baseline (%)",
+                    f"each run − {rows[0]['baseline']} (95% interval over seeds; lower is better)", reference=0)
+
+
 def write(rows, out_dir):
-    """compare.md and compare.csv under ``out_dir`` (atomically); returns the markdown path."""
+    """compare.md, compare.csv and the plots under ``out_dir`` (atomically); returns the markdown path."""
     out = Path(out_dir)
     write_csv(out / "compare.csv", rows, list(rows[0]))
+    plot(rows, out)
     return atomic_write(out / "compare.md", report(rows))

@@ -67,9 +67,10 @@ def markdown_table(rows, columns):
     return "\n".join(lines) + "\n"
 
 
-def plot_vs_nfe(panels, path, ylabel, title=""):
+def plot_vs_nfe(panels, path, ylabel, title="", reference=None):
     """One subplot per panel, one line per label: ``panels`` = {panel: {label: [(nfe, mean, lo,
-    hi), ...]}} (lo / hi may be None: no band). Log-scaled NFE axis; PNG written atomically."""
+    hi), ...]}} (lo / hi may be None: no band), and a horizontal line at ``reference`` if given.
+    Log-scaled NFE axis; PNG written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,6 +83,8 @@ def plot_vs_nfe(panels, path, ylabel, title=""):
             line, = ax.plot(nfe, [p[1] for p in points], marker="o", markersize=3, label=label)
             if all(p[2] is not None and not math.isnan(p[2]) for p in points):
                 ax.fill_between(nfe, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+        if reference is not None:
+            ax.axhline(reference, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xticks(sorted({p[0] for pts in lines.values() for p in pts}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -32,6 +32,7 @@ def test_runs_are_paired_by_seed_cell_by_cell(tmp_path, capsys):
     text = (tmp_path / "out" / "compare.md").read_text()
     assert "| consistency | 1 | 1.833 | **+8.6% (" in text and "| consistency | 2 | 18.33 | +0.0% (" in text
     assert text in capsys.readouterr().out and (tmp_path / "out" / "compare.csv").read_text().count("\n") == 3
+    assert (tmp_path / "out" / "compare_swd.png").stat().st_size > 0
 
 
 def test_glob_patterns_and_the_perturbed_scores(tmp_path):
