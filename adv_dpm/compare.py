@@ -25,7 +25,7 @@ def load_set(pattern):
         raise ValueError(f"compare: no results.json (written by adv-dpm evaluate) under {str(pattern)!r}")
     seeds, where = {}, {}
     for f in files:
-        stored = json.loads(Path(f).read_text())
+        stored = json.loads(f.read_text())
         if not isinstance(stored, dict) or "rows" not in stored or "settings" not in stored:
             raise ValueError(f"compare: {f} is not a results.json of adv-dpm evaluate")
         seed = stored["settings"]["seed"]
@@ -81,18 +81,25 @@ def _cell(c):
     return f"**{text}**" if c["verdict"].split()[0] in ("better", "worse") else text
 
 
+def _by_metric(rows):
+    """{metric: its rows}, in the rows' order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["metric"], []).append(r)
+    return groups
+
+
 def report(rows):
     """Markdown: per metric, a table of (sampler, NFE) x [baseline mean, each run's relative change (p)]."""
     lines = [f"Each run − the baseline {rows[0]['baseline']} (column 'baseline': its mean over all its seeds), "
              "relative to the baseline's mean over the seeds both have (n), with the paired t test's p; lower is "
              "better; bold: beyond the seed spread (the 95% interval of the difference excludes 0).\n"]
-    for metric in dict.fromkeys(r["metric"] for r in rows):
+    for metric, group in _by_metric(rows).items():
         table = {}
-        for r in rows:
-            if r["metric"] == metric:
-                t = table.setdefault((r["sampler"], r["nfe"]), {"sampler": r["sampler"], "nfe": r["nfe"],
-                                                                "baseline": r["baseline_all_seeds"]})
-                t[f"{r['run']} (n={r['n']})"] = _cell(r)
+        for r in group:
+            t = table.setdefault((r["sampler"], r["nfe"]), {"sampler": r["sampler"], "nfe": r["nfe"],
+                                                            "baseline": r["baseline_all_seeds"]})
+            t[f"{r['run']} (n={r['n']})"] = _cell(r)
         columns = ["sampler", "nfe", "baseline", *[c for c in dict.fromkeys(k for t in table.values() for k in t)
                                                     if c not in ("sampler", "nfe", "baseline")]]
         lines += [f"## {metric}\n", markdown_table(list(table.values()), columns)]
@@ -101,13 +108,12 @@ def report(rows):
 
 def plot(rows, out_dir):
     """compare_<metric>.png: per sampler, each run's relative change against NFE with its 95% interval."""
-    for metric in dict.fromkeys(r["metric"] for r in rows):
+    for metric, group in _by_metric(rows).items():
         panels = {}
-        for r in rows:
-            if r["metric"] == metric:
-                scale = 100 / abs(r["baseline_mean"]) if r["baseline_mean"] else math.nan
-                panels.setdefault(r["sampler"], {}).setdefault(r["run"], []).append(
-                    (r["nfe"], r["diff"] * scale, r["diff_lo"] * scale, r["diff_hi"] * scale))
+        for r in group:
+            scale = 100 / abs(r["baseline_mean"]) if r["baseline_mean"] else math.nan
+            panels.setdefault(r["sampler"], {}).setdefault(r["run"], []).append(
+                (r["nfe"], r["diff"] * scale, r["diff_lo"] * scale, r["diff_hi"] * scale))
         plot_vs_nfe(panels, Path(out_dir) / f"compare_{metric}.png", f"{metric}: change vs baseline (%)",
                     f"each run − {rows[0]['baseline']} (95% interval over seeds; lower is better)", reference=0)
 
