@@ -5,8 +5,9 @@ For each data set (2-D 'rings' with the MLP, the bundled 8x8 digits with the sma
   (b) for each seed, fine-tune it for the same number of optimizer updates in each of the protocol's
       ways. Protocol 'dpm' (ADM-AT): standard, DDPM-IP (gamma 0.1), free AT and PGD AT (PAPER.md
       defaults: K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT takes K updates per
-      batch, so it sees 1/K as many batches; PGD AT one update per K passes), each from the weights
-      (``init_from``, fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the
+      batch, so it sees 1/K as many batches; PGD AT one update per K passes) and, as the control,
+      free AT's replays without the perturbation (adv_lr 0), each from the weights (``init_from``,
+      fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the
       pretrained model (the student starts as its teacher) without AT, with free AT and the
       'invariant' target and with the 'consistent' target, and consistency training from its
       weights in the same three ways;
@@ -73,15 +74,19 @@ DPM = Protocol(
         "ip": ("DDPM-IP", dict(mode="ip", ip_gamma=0.1)),
         "free_at": ("free AT", dict(mode="free_at", **AT, adv_target="delta_detach")),
         "pgd_at": ("PGD AT", dict(mode="pgd_at", **AT, adv_target="delta_detach")),
+        # the control: free AT's K updates per batch without the perturbation (a third as many fresh batches)
+        "replays": ("replays only", dict(mode="free_at", **{**AT, "adv_lr": 0.0}, adv_target="delta_detach")),
     },
     comparisons=(("free_at", "standard", "standard", None), ("free_at", "ip", "DDPM-IP", None),
-                 ("free_at", "standard", "standard + ES", {"ddpm": "ddpm-es"}), ("free_at", "pgd_at", "PGD AT", None)),
+                 ("free_at", "standard", "standard + ES", {"ddpm": "ddpm-es"}), ("free_at", "pgd_at", "PGD AT", None),
+                 ("free_at", "replays", "replays only", None)),
     samplers=SAMPLERS,
     robustness_samplers=("ddim",),   # perturbed sampling costs about six times the clean one
     # Budgets sized from speeds measured on a 2-core CPU (2 torch threads): digits-tiny at batch 64 takes 53 / 58 /
     # 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one grid evaluation
     # (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end: smoke about
-    # 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75).
+    # 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75). With the
+    # replay control and --robustness 0.05, quick took 13.0 min on a 2-core AMD EPYC.
     presets={
         "smoke": dict(seeds=[0], nfes=[5, 10],
                       toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256),
@@ -103,8 +108,10 @@ DPM = Protocol(
 Per data set: pretrain one standard model (seed {pretrain_seed}); then, for each seed, fine-tune it (weights
 only, fresh AdamW) for the same number of optimizer updates as standard, DDPM-IP (gamma 0.1), free AT
 and PGD AT (K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT makes K updates per
-batch, PGD AT one per K passes). Each fine-tuned EMA model is sampled with DDPM, DDPM-ES (lambda
-1.017), DDIM (eta 0) and DPM-Solver++(2M) from the same initial noise.
+batch, PGD AT one per K passes), and as free AT's replays alone (adv_lr 0: K updates per batch on
+the clean input), the control that tells the perturbation's effect from that of seeing a third as
+many batches. Each fine-tuned EMA model is sampled with DDPM, DDPM-ES (lambda 1.017), DDIM (eta 0)
+and DPM-Solver++(2M) from the same initial noise.
 """)
 
 

@@ -144,21 +144,24 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
         assert (out / "plots" / f"{name}_{'swd' if name == 'toy' else 'fd'}.png").is_file()
     assert "Feature network for digits: held-out accuracy" in report
     rows = read_csv(out / "results.csv")
-    assert len(rows) == 2 * 4 * 4 * 2   # data sets x methods x samplers x NFEs (one seed)
-    assert {r["method"] for r in rows} == {"standard", "ip", "free_at", "pgd_at"}
+    assert len(rows) == 2 * 5 * 4 * 2   # data sets x methods x samplers x NFEs (one seed)
+    assert {r["method"] for r in rows} == {"standard", "ip", "free_at", "pgd_at", "replays"}
     assert {"swd", "fd", "kid", "exposure_ratio"} <= set(rows[0])
     comparisons = read_csv(out / "comparisons.csv")
-    assert {c["baseline"] for c in comparisons} == {"standard", "DDPM-IP", "standard + ES", "PGD AT"}
+    assert {c["baseline"] for c in comparisons} == {"standard", "DDPM-IP", "standard + ES", "PGD AT", "replays only"}
+    assert "Against replays only (" in report
     # fine-tunes continue the pretrained weights for the same number of optimizer updates
-    for method in ("standard", "ip", "free_at", "pgd_at"):
+    for method in ("standard", "ip", "free_at", "pgd_at", "replays"):
         config = json.loads((out / "digits" / "seed0" / method / "config.json").read_text())
         assert config["total_steps"] == 15 and config["init_from"].endswith("pretrain/checkpoint.pt")
         assert json.loads((out / "digits" / "seed0" / method / "done.json").read_text())["step"] == 15
+    replays = json.loads((out / "toy" / "seed0" / "replays" / "config.json").read_text())
+    assert (replays["mode"], replays["adv_steps"], replays["adv_lr"]) == ("free_at", 3, 0.0)   # free AT's replays, delta 0
 
     checkpoint = out / "toy" / "seed0" / "free_at" / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
     second = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
-    assert second["trained"] == [] and second["evaluated"] == [] and len(second["skipped"]) == 18
+    assert second["trained"] == [] and second["evaluated"] == [] and len(second["skipped"]) == 22
     assert checkpoint.stat().st_mtime_ns == stamp
     # an evaluation lost (as if killed before it wrote its result) is redone, nothing else
     (out / "digits" / "seed0" / "ip" / "eval" / "results.json").unlink()
@@ -169,14 +172,14 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     assert scores(read_csv(out / "results.csv")) == scores(rows)   # the redone evaluation is deterministic
     # with a robustness budget every evaluation is redone, scoring the DDIM cells under perturbed inputs too
     fourth = reproduce("smoke", out=out, nfes=[5, 8], progress=False, robustness=0.05)
-    assert fourth["trained"] == [] and len(fourth["evaluated"]) == 8
+    assert fourth["trained"] == [] and len(fourth["evaluated"]) == 10
     report = (out / "report.md").read_text()
     assert "--robustness 0.05" in report and "## Under adversarially perturbed network inputs (RMS 0.05" in report
     assert "- **digits, NFE 8** (ddim, fd_adversarial): free AT " in report
     comparisons = read_csv(out / "comparisons.csv")
     perturbed = [c for c in comparisons if c["metric"].endswith("_adversarial")]
     assert {c["sampler"] for c in perturbed} == {"ddim"}
-    assert {c["baseline"] for c in perturbed} == {"standard", "DDPM-IP", "PGD AT"}
+    assert {c["baseline"] for c in perturbed} == {"standard", "DDPM-IP", "PGD AT", "replays only"}
     assert (out / "plots" / "toy_swd_adversarial.png").is_file()
 
 
