@@ -12,6 +12,10 @@ level sqrt(1 - abar_t): the ascent runs on u = delta / sqrt(1 - abar_t), the cha
 eps that the perturbed input implies (the per-sample gradient normalization makes the direction
 the same), so that at small t delta does not swamp the noise (DDPM-IP scales its input
 perturbation the same way).
+
+With the 'random' direction each step goes the same length along a fresh Gaussian direction
+instead of the ascent: the control that tells the adversarial direction's effect from that of
+any perturbation of that size.
 """
 import math
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from .ops import adv_step, adv_step_inject
 from .ops.checks import TARGETS
 
 BUDGETS = ("input", "noise")
+DIRECTIONS = ("gradient", "random")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class AdversarialConfig:
     target: str = "delta_detach"    # 'delta_detach' | 'delta' | 'original'
     budget: str = "input"           # 'input': lr and max_norm in units of x_t (PAPER.md); 'noise': per sample
                                     # in units of its noise level sqrt(1 - abar_t)
+    direction: str = "gradient"     # 'gradient': the ascent (PAPER.md); 'random': a Gaussian direction, the control
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -44,6 +50,8 @@ class AdversarialConfig:
             raise ValueError(f"adversarial target must be one of {TARGETS}, got {self.target!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"adversarial budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"adversarial direction must be one of {DIRECTIONS}, got {self.direction!r}")
 
 
 class Perturbation:
@@ -51,10 +59,12 @@ class Perturbation:
 
     ``x_t`` is the clean noisy batch, ``eps`` its noise, ``c_noise`` the per-sample sqrt(1 - abar_t);
     with ``eps`` None there is no regression target to shift (consistency models: target None).
+    ``generator`` (CPU) draws the 'random' direction's steps.
     """
 
-    def __init__(self, x_t, eps, c_noise, config: AdversarialConfig):
+    def __init__(self, x_t, eps, c_noise, config: AdversarialConfig, generator=None):
         self.x_t, self.eps, self.c_noise, self.config = x_t, eps, c_noise, config
+        self.generator = generator
         self.delta = torch.zeros_like(x_t)
         self.u = torch.zeros_like(x_t) if config.budget == "noise" else None   # delta / c_noise
         self.x_in, self.target = x_t, eps
@@ -73,30 +83,36 @@ class Perturbation:
 
     @torch.no_grad()
     def update(self, x_in, target, grad_scale=1.0):
-        """The ascent step from the gradients the replay's backward left on ``inputs()``."""
+        """The ascent step from the gradients the replay's backward left on ``inputs()`` (the 'random'
+        direction: a step of the same length along a fresh Gaussian direction)."""
         if x_in.grad is None:
             raise RuntimeError("Perturbation.update: x_in has no gradient; call backward() on the replay's loss first")
+        grad_x = x_in.grad
+        grad_target = target.grad if target is not None and self.config.target == "delta" else None
+        if self.config.direction == "random":   # the loss gradients do not enter (a zero one for the target)
+            noise = torch.randn(self.x_t.shape, generator=self.generator)
+            grad_x, grad_scale = torch.empty_like(self.x_t).copy_(noise), 1.0
+            grad_target = None if grad_target is None else torch.zeros_like(grad_target)
         if self.u is not None:
-            step = self._noise_step(x_in.grad, target, grad_scale)
+            step = self._noise_step(grad_x, grad_target, grad_scale)
         elif self.eps is None:
-            step = adv_step(self.delta, x_in.grad, self.config.lr, self.radius, grad_scale)
+            step = adv_step(self.delta, grad_x, self.config.lr, self.radius, grad_scale)
             self.delta, self.x_in = step.delta, self.x_t + step.delta
         else:
-            grad_target = target.grad if self.config.target == "delta" else None
-            step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, x_in.grad, self.config.lr,
+            step = adv_step_inject(self.x_t, self.eps, self.c_noise, self.delta, grad_x, self.config.lr,
                                    self.radius, self.config.target, grad_target, grad_scale)
             self.delta, self.x_in, self.target = step.delta, step.x_adv, step.target
         self.skipped += step.skipped.sum()
         return step
 
-    def _noise_step(self, grad_x, target, grad_scale):
+    def _noise_step(self, grad_x, grad_target, grad_scale):
         """The step of the 'noise' budget, on u = delta / c_noise: dL/du = c_noise * dL/ddelta,
         the same direction per sample, so adv_step takes dL/ddelta (with, under 'delta', the
         target's share dL/dtarget / c_noise)."""
         c = self.c_noise.reshape(-1, *[1] * (self.x_t.dim() - 1))
         grad = grad_x
-        if self.eps is not None and self.config.target == "delta":
-            grad = grad_x + target.grad / c
+        if self.eps is not None and grad_target is not None:
+            grad = grad_x + grad_target / c
         step = adv_step(self.u, grad, self.config.lr, self.radius, grad_scale)
         self.u = step.delta
         self.delta = (c * self.u).to(self.x_t.dtype)

@@ -55,6 +55,8 @@ class TrainConfig:
     adv_target: str = "delta_detach"     # 'delta_detach' | 'delta' | 'original'
     adv_budget: str = "input"            # 'input': adv_lr, adv_max_norm in units of x_t (PAPER.md) | 'noise':
                                          # per sample in units of its noise level sqrt(1 - abar_t)
+    adv_direction: str = "gradient"      # 'gradient': the ascent (PAPER.md) | 'random': steps of the same length
+                                         # along Gaussian directions (the control for the adversarial direction)
     ip_gamma: float = 0.1                # DDPM-IP input perturbation strength
     objective: str = "diffusion"         # 'diffusion' (epsilon prediction) | 'cd' (consistency distillation of
                                          # `teacher`) | 'ct' (consistency training); see adv_dpm.consistency
@@ -141,7 +143,8 @@ class TrainConfig:
         return rates
 
     def adversarial(self):
-        return AdversarialConfig(self.adv_steps, self.adv_lr, self.adv_max_norm, self.adv_target, self.adv_budget)
+        return AdversarialConfig(self.adv_steps, self.adv_lr, self.adv_max_norm, self.adv_target, self.adv_budget,
+                                 self.adv_direction)
 
     @property
     def replays(self):
@@ -399,9 +402,9 @@ class Trainer:
             if self.consistency:   # the perturbation moves the input only; the target follows from x_s
                 m["s"] = s[part]
                 m["x_s"] = self._ode_step(m, m["x_t"])
-                m["perturbation"] = Perturbation(m["x_t"], None, m["c_noise"], self.cfg.adversarial())
+                m["perturbation"] = Perturbation(m["x_t"], None, m["c_noise"], self.cfg.adversarial(), self.noise)
             else:
-                m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial())
+                m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial(), self.noise)
             micro.append(m)
         return micro
 

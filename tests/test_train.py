@@ -147,16 +147,66 @@ def test_noise_budget_steps_on_the_implied_noise_with_the_targets_gradient():
     torch.testing.assert_close(perturbation.target.double(), eps + u, rtol=1e-5, atol=1e-6)
 
 
-def test_resumed_run_continues_the_same_trajectory(tmp_path):
+@pytest.mark.parametrize("budget", ["input", "noise"])
+@pytest.mark.parametrize("target", ["delta_detach", "delta"])
+def test_random_direction_steps_along_the_generators_gaussian_whatever_the_gradient(budget, target):
+    """Direction 'random': each step goes lr along a fresh N(0, I) draw of the generator, normalized per
+    sample; the gradient (even a non-finite one) does not enter, and the target follows the step."""
+    from adv_dpm.adversarial import AdversarialConfig, Perturbation
+    gen = torch.Generator().manual_seed(0)
+    x_t, eps = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(2))
+    c = torch.tensor([0.05, 0.5, 1.0])[:, None, None, None]
+    config = AdversarialConfig(lr=0.3, max_norm=1.0, target=target, budget=budget, direction="random")
+    deltas = []
+    for grad in (torch.randn(3, 2, 4, 4, generator=gen), torch.full((3, 2, 4, 4), float("nan"))):
+        perturbation = Perturbation(x_t, eps, c.flatten(), config, torch.Generator().manual_seed(7))
+        for _ in range(2):
+            x_in, y = perturbation.inputs()
+            x_in.grad = grad
+            if y.requires_grad:   # target 'delta'
+                y.grad = grad
+            perturbation.update(x_in, y)
+        assert int(perturbation.skipped) == 0
+        deltas.append(perturbation.delta)
+    draws = torch.Generator().manual_seed(7)
+    z1, z2 = (torch.randn(3, 2, 4, 4, generator=draws).double() for _ in range(2))
+    unit = [z / z.flatten(1).norm(dim=1)[:, None, None, None] for z in (z1, z2)]
+    u = 0.3 * (unit[0] + unit[1])   # within the radius sqrt(32): no projection
+    expected = c * u if budget == "noise" else u
+    torch.testing.assert_close(deltas[0].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(deltas[1], deltas[0])
+    torch.testing.assert_close(perturbation.target.double(), eps + expected / c, rtol=1e-5, atol=1e-5)
+
+
+def test_adversarial_config_names_a_bad_direction():
+    from adv_dpm.adversarial import AdversarialConfig
+    with pytest.raises(ValueError, match=r"direction must be one of \('gradient', 'random'\), got 'sideways'"):
+        AdversarialConfig(direction="sideways")
+    with pytest.raises(ValueError, match="direction"):
+        TrainConfig(adv_direction="sideways")
+
+
+def test_random_direction_reaches_the_trainer(tmp_path):
+    """The same batch's replays with the ascent and with random directions move the weights differently."""
+    weights = []
+    for direction in ("gradient", "random"):
+        trainer = Trainer(config(tmp_path / direction, mode="free_at", adv_steps=3, adv_direction=direction))
+        trainer.train_batch()
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.parametrize("direction", ["gradient", "random"])
+def test_resumed_run_continues_the_same_trajectory(tmp_path, direction):
     straight = Trainer(config(tmp_path / "a", total_steps=12, mode="free_at", adv_target="delta",
-                              schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
+                              schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
     straight.train()
     assert int(straight.timesteps.loss_counts.sum()) > 0   # the trainer feeds the sampler its losses
     first = Trainer(config(tmp_path / "b", total_steps=6, mode="free_at", adv_target="delta",
-                           schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
+                           schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
     first.train()
     resumed = Trainer(config(tmp_path / "b", total_steps=12, mode="free_at", adv_target="delta",
-                             schedule_sampler="loss-second-moment", ema_rate="0.9,0.99"))
+                             schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
     assert resumed.step == 6
     resumed.train()
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
