@@ -7,10 +7,10 @@ For each data set (2-D 'rings' with the MLP, the bundled 8x8 digits with the sma
       defaults: K = 3, adv_lr 0.1, adv_max_norm 0.1, target delta_detach; free AT takes K updates per
       batch, so it sees 1/K as many batches; PGD AT one update per K passes) and, as the control,
       free AT's replays without the perturbation (adv_lr 0), each from the weights (``init_from``,
-      fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the
-      pretrained model (the student starts as its teacher) without AT, with free AT and the
-      'invariant' target and with the 'consistent' target, and consistency training from its
-      weights in the same three ways;
+      fresh optimizer). Protocol 'cm' (CM-AT): consistency distillation of the pretrained model
+      (the student starts as its teacher) without AT, with free AT and the 'invariant' target and
+      with the 'consistent' target, and consistency training from its weights in the same three
+      ways;
   (c) evaluate each fine-tuned EMA model over the protocol's samplers and NFEs (``adv_dpm.evaluate``;
       'dpm': DDPM, DDPM-ES, DDIM and DPM-Solver++ at the paper's NFEs; 'cm': multistep consistency
       sampling at NFE 1, 2, 4), from the same initial noise for every method;
