@@ -111,7 +111,7 @@ class Perturbation:
         target's share dL/dtarget / c_noise)."""
         c = self.c_noise.reshape(-1, *[1] * (self.x_t.dim() - 1))
         grad = grad_x
-        if self.eps is not None and grad_target is not None:
+        if grad_target is not None:   # target 'delta' of a diffusion model
             grad = grad_x + grad_target / c
         step = adv_step(self.u, grad, self.config.lr, self.radius, grad_scale)
         self.u = step.delta

@@ -245,8 +245,8 @@ def main(argv=None):
 
     p = sub.add_parser("reproduce", help=reproduce.__doc__, description=reproduce.__doc__)
     p.add_argument("--protocol", default="dpm", choices=["dpm", "cm"],
-                   help="'dpm': diffusion fine-tunes (standard, DDPM-IP, free AT, PGD AT) and the four diffusion "
-                   "samplers; 'cm': consistency distillation and training without and with free AT")
+                   help="'dpm': diffusion fine-tunes (standard, DDPM-IP, free AT, PGD AT, free AT's replays alone) and "
+                   "the four diffusion samplers; 'cm': consistency distillation and training without and with free AT")
     p.add_argument("--preset", default="quick", choices=["smoke", "quick", "full"])
     p.add_argument("--data", default="both", choices=["toy", "digits", "both"])
     p.add_argument("--out", default=None, help="run folder (default runs/reproduce-<preset>, for 'cm' "

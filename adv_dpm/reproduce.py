@@ -75,7 +75,7 @@ DPM = Protocol(
         "free_at": ("free AT", dict(mode="free_at", **AT, adv_target="delta_detach")),
         "pgd_at": ("PGD AT", dict(mode="pgd_at", **AT, adv_target="delta_detach")),
         # the control: free AT's K updates per batch without the perturbation (a third as many fresh batches)
-        "replays": ("replays only", dict(mode="free_at", **{**AT, "adv_lr": 0.0}, adv_target="delta_detach")),
+        "replays": ("replays only", dict(AT, mode="free_at", adv_lr=0.0, adv_target="delta_detach")),
     },
     comparisons=(("free_at", "standard", "standard", None), ("free_at", "ip", "DDPM-IP", None),
                  ("free_at", "standard", "standard + ES", {"ddpm": "ddpm-es"}), ("free_at", "pgd_at", "PGD AT", None),
