@@ -2,7 +2,7 @@
 import copy
 import functools
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class Replacement(NamedTuple):
     new: object
 
 
-def _scale_shift_forward(self, x, emb):
+def _adm_forward(self, x, emb):
     """ADM's ResBlock._forward with its scale-shift norm + SiLU tail as one fused call (the
     block's own _forward while a hook sits on that norm or SiLU)."""
     norm, act = self.out_layers[0], self.out_layers[1]
@@ -103,6 +103,35 @@ def _scale_shift_forward(self, x, emb):
     h = group_norm_act(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, "silu")
     h = self.out_layers[2:](h)
     return self.skip_connection(x) + h
+
+
+def _diffusers_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward with both GroupNorm -> SiLU pairs as fused calls, the
+    ``scale_shift`` time embedding folded into the second (the block's own forward while a hook
+    sits on a norm or the SiLU, or for its deprecated extra arguments)."""
+    norm1, norm2, act = self.norm1, self.norm2, self.nonlinearity
+    embed = self.time_emb_proj is not None
+    if args or kwargs or _hooked(norm1) or _hooked(norm2) or _hooked(act) or (
+            self.time_embedding_norm == "scale_shift" and not (embed and temb is not None)):
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    x = input_tensor
+    h = group_norm_act(x, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, act="silu")
+    resample = self.upsample if self.upsample is not None else self.downsample
+    if resample is not None:
+        x, h = resample(x), resample(h)
+    h = self.conv1(h)
+    if embed:
+        temb = self.time_emb_proj(temb if self.skip_time_act else act(temb))
+    scale = shift = None
+    if self.time_embedding_norm == "scale_shift":
+        scale, shift = temb.chunk(2, dim=1)
+    elif temb is not None:   # "default": the embedding is added before the norm
+        h = h + (temb[:, :, None, None] if embed else temb)
+    h = group_norm_act(h, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, scale, shift, "silu")
+    h = self.conv2(self.dropout(h))
+    if self.conv_shortcut is not None:
+        x = self.conv_shortcut(x)
+    return (x + h) / self.output_scale_factor
 
 
 def _close(out, ref):
@@ -149,38 +178,76 @@ def _norm_subclass_equivalent(m):
         return False
 
 
-def _is_adm_scale_shift_block(m):
+def _is_adm_block(m):
     """Laid out as ADM's ResBlock with use_scale_shift_norm (in_layers, emb_layers, out_layers =
-    [GroupNorm, SiLU, ...], ``_forward(x, emb)``) and not patched yet."""
+    [GroupNorm, SiLU, ...], ``_forward(x, emb)``)."""
     layers = getattr(m, "out_layers", None)
-    forward = m.__dict__.get("_forward")
     return (getattr(m, "use_scale_shift_norm", False) and isinstance(getattr(m, "in_layers", None), nn.Sequential)
             and isinstance(getattr(m, "emb_layers", None), nn.Module) and isinstance(layers, nn.Sequential)
-            and len(layers) >= 2 and _is_plain_norm(layers[0]) and _is_silu(layers[1]) and hasattr(m, "_forward")
-            and not (isinstance(forward, functools.partial) and forward.func is _scale_shift_forward))
+            and len(layers) >= 2 and _is_plain_norm(layers[0]) and _is_silu(layers[1]) and hasattr(m, "_forward"))
 
 
-def _scale_shift_probe_problem(m):
-    """Why the fused tail cannot replace the ADM-style block ``m``'s ``_forward``, or None:
-    ``_scale_shift_forward`` must reproduce it on a probe, a copy with random weights (ADM
-    zero-initialises the last convolution, which would hide the tail) in eval mode."""
+def _adm_probe_inputs(m, gen):
     conv = next((c for c in m.in_layers.modules() if isinstance(c, nn.modules.conv._ConvNd)), None)
     linear = next((c for c in m.emb_layers.modules() if isinstance(c, nn.Linear)), None)
-    norm = m.in_layers[0]
-    if conv is None or linear is None or not isinstance(norm, nn.GroupNorm):
-        return "no GroupNorm, convolution or Linear where ADM's ResBlock has them"
+    if conv is None or linear is None or not isinstance(m.in_layers[0], nn.GroupNorm):
+        raise ValueError("no GroupNorm, convolution or Linear where ADM's ResBlock has them")
+    x = _randn((2, m.in_layers[0].num_channels, *[8] * len(conv.kernel_size)), conv.weight, gen)
+    return x, _randn((2, linear.in_features), linear.weight, gen)
+
+
+def _is_diffusers_block(m):
+    """Laid out as diffusers' ResnetBlock2D (norm1, conv1, time_emb_proj, norm2, dropout, conv2,
+    nonlinearity = SiLU, upsample / downsample, conv_shortcut; a 'default' or 'scale_shift' time
+    embedding)."""
+    norms = [getattr(m, key, None) for key in ("norm1", "norm2")]
+    return (getattr(m, "time_embedding_norm", None) in ("default", "scale_shift")
+            and all(isinstance(n, nn.Module) and _is_plain_norm(n) for n in norms)
+            and _is_silu(getattr(m, "nonlinearity", None)) and all(hasattr(m, key) for key in (
+                "conv1", "conv2", "dropout", "time_emb_proj", "skip_time_act", "upsample", "downsample",
+                "conv_shortcut", "output_scale_factor")))
+
+
+def _diffusers_probe_inputs(m, gen):
+    x = _randn((2, m.norm1.num_channels, 8, 8), m.conv1.weight, gen)
+    proj = m.time_emb_proj
+    return x, None if proj is None else _randn((2, proj.in_features), proj.weight, gen)
+
+
+class _Block(NamedTuple):
+    """A residual block layout whose GroupNorm -> SiLU code a fused method can replace."""
+    name: str                                # whose block it is, with the method ("ADM's ResBlock._forward")
+    method: str                              # the method replaced
+    fused: Callable                          # fused(block, *inputs): that method with fused calls
+    laid_out: Callable[[nn.Module], bool]    # whether a module has the block's layout
+    probe_inputs: Callable                   # probe_inputs(block, generator): inputs of a probe call
+
+
+BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
+          _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
+                 _diffusers_probe_inputs))
+
+
+def _patched(m, block):
+    method = m.__dict__.get(block.method)
+    return isinstance(method, functools.partial) and method.func is block.fused
+
+
+def _probe_problem(m, block):
+    """Why ``block.fused`` cannot replace ``m``'s method, or None: it must reproduce that method on
+    a probe, a copy with random weights (ADM zero-initialises the last convolution, which would
+    hide the tail) in eval mode."""
     gen = torch.Generator().manual_seed(0)
     try:
         probe = copy.deepcopy(m).eval()
         with torch.no_grad():
             for p in probe.parameters():
                 p.copy_(0.5 * _randn(p.shape, p, gen))
-            x = _randn((2, norm.num_channels, *[8] * len(conv.kernel_size)), conv.weight, gen)
-            emb = _randn((2, linear.in_features), linear.weight, gen)
-            ref, out = probe._forward(x, emb), _scale_shift_forward(probe, x, emb)
+            inputs = block.probe_inputs(probe, gen)
+            ref, out = getattr(probe, block.method)(*inputs), block.fused(probe, *inputs)
     except Exception as e:  # noqa: BLE001 (whatever fails, the block stays as it is)
         return f"the probe fails ({type(e).__name__}: {e})"
-    return None if _close(out, ref) else "its _forward differs from ADM's ResBlock._forward on a probe"
+    return None if _close(out, ref) else f"its {block.method} differs from {block.name} on a probe"
 
 
 def patch_model(model: nn.Module) -> list[Replacement]:
@@ -191,9 +258,11 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       parameterless SiLU classes of other libraries become nn.SiLU (checked likewise);
     - nn.Sequentials with a GroupNorm directly followed by SiLU become FusedSequential, which
       runs the pair as one call when the Sequential is called as a whole (its modules stay);
-    - ADM-style residual blocks with ``use_scale_shift_norm``: the GN * (1 + scale) + shift ->
-      SiLU tail of ``_forward`` becomes one fused call, where a probe shows the block's own
-      ``_forward`` computes the same; otherwise the block is left as is, with a warning.
+    - residual blocks laid out as ADM's ResBlock with ``use_scale_shift_norm`` (the
+      GN * (1 + scale) + shift -> SiLU tail of ``_forward``) or as diffusers' ResnetBlock2D
+      (both GN -> SiLU pairs of ``forward``, a 'scale_shift' embedding folded in) get that
+      method with fused calls, where a probe shows the block's own method computes the same;
+      otherwise the block is left as is, with a warning.
     Modules with hooks are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.
     """
@@ -206,15 +275,17 @@ def patch_model(model: nn.Module) -> list[Replacement]:
                 done.append(Replacement(f"{name}.{key}" if name else key, child, new))
                 m._modules[key] = new
     for name, m in list(model.named_modules()):
-        if not _is_adm_scale_shift_block(m):
+        block = next((b for b in BLOCKS if b.laid_out(m) and not _patched(m, b)), None)
+        if block is None:
             continue
-        problem = _scale_shift_probe_problem(m)
+        problem = _probe_problem(m, block)
         if problem is None:
-            old_forward, m._forward = m._forward, functools.partial(_scale_shift_forward, m)
-            done.append(Replacement(f"{name}._forward" if name else "_forward", old_forward, m._forward))
+            old, fused = getattr(m, block.method), functools.partial(block.fused, m)
+            setattr(m, block.method, fused)
+            done.append(Replacement(f"{name}.{block.method}" if name else block.method, old, fused))
         else:
-            warnings.warn(f"patch_model: the scale-shift tail of {name or 'the model'} ({type(m).__name__}) stays "
-                          f"unfused: {problem}", stacklevel=2)
+            warnings.warn(f"patch_model: the GroupNorm -> SiLU calls of {name or 'the model'} ({type(m).__name__}) "
+                          f"stay unfused: {problem}", stacklevel=2)
     for name, m in list(model.named_modules()):
         items = list(m._modules.values())
         if type(m) is nn.Sequential and not _hooked(m) and any(

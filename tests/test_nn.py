@@ -198,7 +198,7 @@ def test_only_blocks_whose_forward_is_adms_get_the_fused_tail():
         if fused_tail:
             replaced = patch_model(patched)
         else:
-            with pytest.warns(UserWarning, match="stays unfused: its _forward differs"):
+            with pytest.warns(UserWarning, match="stay unfused: its _forward differs from ADM.s ResBlock._forward"):
                 replaced = patch_model(patched)
         assert any(r.name == "_forward" for r in replaced) == fused_tail, type(block).__name__
         assert isinstance(patched.in_layers, FusedSequential)
@@ -254,3 +254,60 @@ def test_hooks_added_after_patching_still_run():
         m.register_forward_hook(lambda *a: calls.append(1))
     assert_same_function(model, patched, torch.randn(2, 8, 8, 8), torch.randn(2, 16))
     assert len(calls) == 2
+
+
+# diffusers' blocks, as users' models have them (diffusers is a test dependency only).
+def diffusers_unet(time_embedding_norm, down, up):
+    """A small UNet2DModel with random weights, in float64: a patched copy must then match it to
+    rounding (in fp32, 14 norms of random weights amplify the rounding past 1e-5)."""
+    diffusers = pytest.importorskip("diffusers")
+    return randomized(diffusers.UNet2DModel(
+        sample_size=16, block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+        down_block_types=(down, "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", up),
+        resnet_time_scale_shift=time_embedding_norm), seed=1).double()
+
+
+@pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
+@pytest.mark.parametrize("down,up", [("DownBlock2D", "UpBlock2D"), ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_patched_diffusers_unet_gives_the_same_outputs_and_gradients(time_embedding_norm, down, up, memory_format):
+    model = diffusers_unet(time_embedding_norm, down, up)
+    patched = copy.deepcopy(model)
+    replaced = patch_model(patched)
+    resnets = [name for name, m in model.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert sorted(r.name for r in replaced) == sorted(f"{name}.forward" for name in resnets)
+    assert patch_model(patched) == []   # idempotent
+
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64).to(memory_format=memory_format)
+    t = torch.tensor([3, 700])
+    out_ref, out = model(x, t).sample, patched(x, t).sample
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    grads_ref = torch.autograd.grad(out_ref, list(model.parameters()), g)
+    grads = torch.autograd.grad(out, list(patched.parameters()), g)
+    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_diffusers_blocks_that_compute_something_else_or_carry_hooks_keep_their_forward():
+    resnet = pytest.importorskip("diffusers.models.resnet")
+
+    class Doubled(resnet.ResnetBlock2D):   # a fork whose forward differs
+        def forward(self, input_tensor, temb):
+            return 2 * super().forward(input_tensor, temb)
+
+    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 16)
+    forked = randomized(Doubled(in_channels=8, temb_channels=16, groups=4))
+    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from diffusers' ResnetBlock2D.forward"):
+        assert patch_model(forked) == []
+    assert "forward" not in forked.__dict__
+
+    model = randomized(resnet.ResnetBlock2D(in_channels=8, out_channels=12, temb_channels=16, groups=4, down=True))
+    patched = copy.deepcopy(model)
+    assert [r.name for r in patch_model(patched)] == ["forward"]
+    calls = []
+    patched.norm2.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
+    assert_same_function(model, patched, x, temb)
+    assert calls == [1]
+    clone = copy.deepcopy(patched)
+    assert clone.forward.args[0] is clone
