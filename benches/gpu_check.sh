@@ -4,7 +4,7 @@
 # run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
 # gpu_check.log (every step's output, then a summary), the benchmarks'
 # <name>-<device>-<date>.{md,json} and targets.md. (Few files: a device call returns at most 8.)
-# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train"), about 7.7
+# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train patch"), about 7.8
 # minutes in all; a benchmark stopped at its limit keeps the rows it measured, and each measures
 # the rows of the issues' targets first.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
@@ -14,7 +14,7 @@ OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN <<<"${GPU_CHECK_LIMITS:-100 90 100 120 50}"
+read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN T_PATCH <<<"${GPU_CHECK_LIMITS:-100 60 100 120 50 40}"
 status=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
@@ -49,5 +49,10 @@ step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -
 step bench_ops "$T_OPS" "$PY" benches/bench_ops.py --device cuda --out "$OUT"
 step bench_group_norm "$T_GN" "$PY" benches/bench_group_norm.py --device cuda --out "$OUT"
 step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
+if "$PY" -c "import diffusers" 2>/dev/null; then   # patch_model on diffusers' UNet2DModel
+  step bench_patch "${T_PATCH:-40}" "$PY" benches/bench_patch.py --device cuda --out "$OUT"
+else
+  echo "== bench_patch: skipped (diffusers is not installed)" | tee -a "$LOG"
+fi
 "$PY" benches/targets.py "$OUT" >"$OUT/targets.md" 2>>"$LOG"  # the issues' targets, met or not
 finish
