@@ -49,7 +49,11 @@ step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -
 step bench_ops "$T_OPS" "$PY" benches/bench_ops.py --device cuda --out "$OUT"
 step bench_group_norm "$T_GN" "$PY" benches/bench_group_norm.py --device cuda --out "$OUT"
 step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
-if "$PY" -c "import diffusers" 2>/dev/null; then   # patch_model on diffusers' UNet2DModel
+# patch_model on diffusers' UNet2DModel. A machine without a network installs diffusers from a
+# wheelhouse .wheels/ carried beside the tree, made where there is one with
+#   pip download diffusers --python-version 3.12 --only-binary=:all: -d .wheels  (the device's Python)
+[ -d .wheels ] && "$PY" -m pip install -q --no-index --find-links .wheels diffusers 2>&1 | tee -a "$LOG"
+if "$PY" -c "import diffusers" 2>/dev/null; then
   step bench_patch "${T_PATCH:-40}" "$PY" benches/bench_patch.py --device cuda --out "$OUT"
 else
   echo "== bench_patch: skipped (diffusers is not installed)" | tee -a "$LOG"
