@@ -112,6 +112,18 @@ def test_metrics_are_logged_at_multiples_of_the_log_interval(tmp_path, mode):
     assert logged == ([2, 4, 6] if mode != "free_at" else [3, 6])   # free AT: 3 updates per batch
 
 
+def test_the_diffusers_example_trains_a_patched_unet2dmodel_with_free_at(tmp_path, capsys):
+    """examples/diffusers_free_at.py: diffusers' model, schedule and sampler with patch_model and
+    the example loop's free-AT batch."""
+    pytest.importorskip("diffusers")
+    example = _example("diffusers_free_at")
+    samples, losses = example.main(["--pretrain", "2", "--updates", "3", "--out", str(tmp_path / "digits.png")])
+    assert "patch_model: 8 blocks fused" in capsys.readouterr().out
+    assert samples.shape == (64, 1, 8, 8) and torch.isfinite(samples).all()
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert (tmp_path / "digits.png").stat().st_size
+
+
 def test_perturbation_counts_samples_whose_gradient_is_not_finite():
     from adv_dpm.adversarial import AdversarialConfig, Perturbation
     x_t = torch.randn(4, 3, 8, 8)
