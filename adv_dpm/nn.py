@@ -223,7 +223,7 @@ class _Block(NamedTuple):
     probe_inputs: Callable                   # probe_inputs(block, generator): inputs of a probe call
 
 
-BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
+_BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
           _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
                  _diffusers_probe_inputs))
 
@@ -275,7 +275,7 @@ def patch_model(model: nn.Module) -> list[Replacement]:
                 done.append(Replacement(f"{name}.{key}" if name else key, child, new))
                 m._modules[key] = new
     for name, m in list(model.named_modules()):
-        block = next((b for b in BLOCKS if b.laid_out(m) and not _patched(m, b)), None)
+        block = next((b for b in _BLOCKS if b.laid_out(m) and not _patched(m, b)), None)
         if block is None:
             continue
         problem = _probe_problem(m, block)
