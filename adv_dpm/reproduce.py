@@ -86,7 +86,7 @@ DPM = Protocol(
     # 153 ms per update (standard / free AT / PGD AT), the toy MLP at batch 256 9 / 9 / 17 ms; one grid evaluation
     # (4 samplers x 93 NFE) 15-18 s for 256 digits, 5-6 s for 2000 toy points. Measured end to end: smoke about
     # 30 s, quick 13.3 min (limit 20); full about 45 min estimated from the quick run's jobs (limit 75). With the
-    # replay control and --robustness 0.05, quick took 13.0 min on a 2-core AMD EPYC.
+    # replay control and --robustness 0.05, quick took 13.0 min on a 2-core AMD EPYC, full's jobs 90 min.
     presets={
         "smoke": dict(seeds=[0], nfes=[5, 10],
                       toy=dict(batch_size=64, pretrain_steps=60, finetune_steps=30, ema_rate="0.9", eval_samples=256),
