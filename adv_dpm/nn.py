@@ -234,9 +234,12 @@ def _patched(m, block):
 
 
 def _probe_problem(m, block):
-    """Why ``block.fused`` cannot replace ``m``'s method, or None: it must reproduce that method on
-    a probe, a copy with random weights (ADM zero-initialises the last convolution, which would
-    hide the tail) in eval mode."""
+    """Why ``block.fused`` cannot replace ``m``'s method, or None: the method must be the class's
+    (one set on the instance, such as accelerate's device hooks, stays), and ``block.fused`` must
+    reproduce it on a probe, a copy with random weights (ADM zero-initialises the last
+    convolution, which would hide the tail) in eval mode."""
+    if block.method in m.__dict__:
+        return f"its {block.method} is set on the instance ({m.__dict__[block.method]!r:.80})"
     gen = torch.Generator().manual_seed(0)
     try:
         probe = copy.deepcopy(m).eval()

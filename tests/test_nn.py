@@ -311,3 +311,22 @@ def test_diffusers_blocks_that_compute_something_else_or_carry_hooks_keep_their_
     assert calls == [1]
     clone = copy.deepcopy(patched)
     assert clone.forward.args[0] is clone
+
+
+def test_a_method_set_on_the_instance_stays():
+    """A block whose forward another library has wrapped on the instance (accelerate's hooks do)
+    keeps that wrapper: patching it would drop what the wrapper adds."""
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    block = randomized(resnet.ResnetBlock2D(in_channels=8, temb_channels=16, groups=4))
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return type(block).forward(block, *args, **kwargs)
+
+    block.forward = wrapped
+    with pytest.warns(UserWarning, match="stay unfused: its forward is set on the instance"):
+        assert patch_model(block) == []
+    assert block.forward is wrapped
+    block(torch.randn(2, 8, 4, 4), torch.randn(2, 16))
+    assert calls == [1]
