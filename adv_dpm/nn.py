@@ -266,7 +266,8 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       (both GN -> SiLU pairs of ``forward``, a 'scale_shift' embedding folded in) get that
       method with fused calls, where a probe shows the block's own method computes the same;
       otherwise the block is left as is, with a warning.
-    Modules with hooks are left as they are. Parameters are shared, not copied: state_dicts
+    Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
+    forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.
     """
     done = []
