@@ -88,13 +88,18 @@ def test_patched_model_gives_the_same_outputs_and_gradients(memory_format):
 
     x = torch.randn(2, 3, 16, 16).to(memory_format=memory_format)
     emb = torch.randn(2, 32)
-    out_ref, out = model(x, emb), patched(x, emb)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    assert_same_outputs_and_gradients(model(x, emb), patched(x, emb), model, patched, rtol=1e-4, atol=1e-4)
+
+
+def assert_same_outputs_and_gradients(out_ref, out, model, patched, rtol, atol):
+    """The patched model's output and parameter gradients (for one random upstream gradient) are
+    the model's, within the tolerances."""
+    torch.testing.assert_close(out, out_ref, rtol=rtol, atol=atol)
     g = torch.randn_like(out)
     grads_ref = torch.autograd.grad(out_ref, list(model.parameters()), g)
     grads = torch.autograd.grad(out, list(patched.parameters()), g)
     for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_patch_shares_parameters_and_keeps_state_dict_keys():
@@ -280,13 +285,8 @@ def test_patched_diffusers_unet_gives_the_same_outputs_and_gradients(time_embedd
 
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64).to(memory_format=memory_format)
     t = torch.tensor([3, 700])
-    out_ref, out = model(x, t).sample, patched(x, t).sample
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(out)
-    grads_ref = torch.autograd.grad(out_ref, list(model.parameters()), g)
-    grads = torch.autograd.grad(out, list(patched.parameters()), g)
-    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    assert_same_outputs_and_gradients(model(x, t).sample, patched(x, t).sample, model, patched, rtol=1e-9,
+                                      atol=1e-10)
 
 
 def test_diffusers_blocks_that_compute_something_else_or_carry_hooks_keep_their_forward():
