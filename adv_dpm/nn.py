@@ -79,7 +79,7 @@ class FusedSequential(nn.Sequential):
 
 
 class Replacement(NamedTuple):
-    name: str        # qualified name in the model ("<block>._forward" for a rebound forward)
+    name: str        # qualified name in the model ("<block>._forward" or "<block>.forward": a rebound method)
     old: object      # the module, method or class that was there
     new: object
 
@@ -224,8 +224,8 @@ class _Block(NamedTuple):
 
 
 _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
-          _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
-                 _diffusers_probe_inputs))
+           _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
+                  _diffusers_probe_inputs))
 
 
 def _patched(m, block):
