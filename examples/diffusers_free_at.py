@@ -56,6 +56,8 @@ def ddim_samples(model, num, steps, generator):
 
 
 def main(argv=None):
+    """Train a small UNet2DModel on digits, standard then free AT, and save a grid of its EMA's
+    DDIM samples; returns the samples and each batch's last loss."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pretrain", type=int, default=1500, help="standard updates first (one per batch)")
     parser.add_argument("--updates", type=int, default=600, help="free-AT updates (3 per batch)")
@@ -66,8 +68,8 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     data = digits().x
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
     replaced = adv_dpm.patch_model(unet)   # the one line: the same model, its norms and SiLUs fused
     print(f"patch_model: {len(replaced)} blocks fused")
     model = EpsPredictor(unet)
@@ -83,7 +85,6 @@ def main(argv=None):
             eps = torch.randn(x0.shape, generator=generator)
             losses.append(free_at_batch(model, optimizer, x0, t, eps, alphas_cumprod, steps=steps, ema=ema))
     samples = ddim_samples(ema.module.eval(), 64, 20, generator)
-
     save_image_grid(samples, args.out)
     print(f"samples: {args.out}")
     return samples, losses
