@@ -24,7 +24,8 @@ from adv_dpm import patch_model  # noqa: E402
 
 COLUMNS = [("model", "model", "{}"), ("batch", "batch", "{}"), ("precision", "precision", "{}"),
            ("provider", "model as", "{}"), ("replaced", "blocks fused", "{}"), ("ms", "ms / pass", "{:.1f}"),
-           ("gpu_ms", "GPU-only ms", "{:.1f}"), ("speedup", "x diffusers", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+           ("gpu_ms", "GPU-only ms", "{:.1f}"), ("speedup", "x diffusers", "{:.2f}"),
+           ("peak_mib", "peak MiB", "{:.0f}")]
 
 
 def ddpm_cifar10_unet():

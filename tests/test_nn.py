@@ -273,7 +273,8 @@ def diffusers_unet(time_embedding_norm, down, up):
 
 
 @pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
-@pytest.mark.parametrize("down,up", [("DownBlock2D", "UpBlock2D"), ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")])
+@pytest.mark.parametrize("down,up", [("DownBlock2D", "UpBlock2D"),
+                                     ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_patched_diffusers_unet_gives_the_same_outputs_and_gradients(time_embedding_norm, down, up, memory_format):
     model = diffusers_unet(time_embedding_norm, down, up)
