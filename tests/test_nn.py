@@ -331,3 +331,15 @@ def test_a_method_set_on_the_instance_stays():
     assert block.forward is wrapped
     block(torch.randn(2, 8, 4, 4), torch.randn(2, 16))
     assert calls == [1]
+
+
+def test_a_patched_diffusers_block_compiles_without_graph_breaks():
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    block = randomized(resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, down=True,
+                                            time_embedding_norm="scale_shift"))
+    patched = copy.deepcopy(block)
+    patch_model(patched)
+    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=True)
+    torch.testing.assert_close(compiled(x, temb), block(x, temb), rtol=1e-4, atol=1e-4)
