@@ -9,8 +9,8 @@ diffusers' DDIMScheduler.
     python examples/diffusers_free_at.py --out digits_diffusers.png    # about 3 min on a 2-core CPU
 """
 import argparse
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -23,14 +23,8 @@ import adv_dpm
 from adv_dpm.data import digits
 from adv_dpm.utils import save_image_grid
 
-
-def _free_at_batch():
-    """examples/free_at_loop.py's ``free_at_batch`` (examples/ is not a package)."""
-    path = Path(__file__).resolve().parent / "free_at_loop.py"
-    spec = importlib.util.spec_from_file_location("free_at_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.free_at_batch
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/ is not a package
+from free_at_loop import free_at_batch  # noqa: E402
 
 
 class EpsPredictor(nn.Module):
@@ -76,7 +70,6 @@ def main(argv=None):
     alphas_cumprod = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
-    free_at_batch = _free_at_batch()
     losses = []
     for steps, count in [(1, args.pretrain), (3, math.ceil(args.updates / 3))]:   # steps=1: plain training
         for _ in tqdm(range(count), desc="standard" if steps == 1 else "free AT", unit="batch"):
