@@ -1,6 +1,7 @@
 """Drop-in modules on the fused ops, and ``patch_model`` to put them into an existing model."""
 import copy
 import functools
+import sys
 import warnings
 from typing import Callable, NamedTuple
 
@@ -51,6 +52,20 @@ def _is_plain_norm(m):
                                or (type(m) is GroupNormAct and m.act is None))
 
 
+def _is_edm_norm(m):
+    """EDM's GroupNorm: a module of its own (not an nn.GroupNorm) with weight, bias, num_groups and
+    eps and nothing else, computing GroupNorm with them (checked with its block's probe)."""
+    return (type(m).__name__ == "GroupNorm" and not isinstance(m, nn.GroupNorm) and not _hooked(m)
+            and isinstance(getattr(m, "num_groups", None), int) and isinstance(getattr(m, "eps", None), float)
+            and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and isinstance(getattr(m, "bias", None), nn.Parameter) and not _holds_state(m, ("weight", "bias")))
+
+
+def _norm_silu(norm, x, scale=None, shift=None):
+    """SiLU(norm(x) * (1 + scale) + shift) in one fused call, with ``norm``'s parameters."""
+    return group_norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, "silu")
+
+
 def _is_silu(m):
     return type(m) is nn.SiLU and not _hooked(m)
 
@@ -70,7 +85,7 @@ class FusedSequential(nn.Sequential):
         while i < len(modules):
             m = modules[i]
             if i + 1 < len(modules) and _is_plain_norm(m) and _is_silu(modules[i + 1]):
-                x = group_norm_act(x, m.weight, m.bias, m.num_groups, m.eps, act="silu")
+                x = _norm_silu(m, x)
                 i += 2
             else:
                 x = m(x)
@@ -100,8 +115,7 @@ def _adm_forward(self, x, emb):
         h = self.in_layers(x)
     emb_out = self.emb_layers(emb).type(h.dtype)
     scale, shift = emb_out.reshape(emb_out.shape[0], -1).chunk(2, dim=1)
-    h = group_norm_act(h, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, "silu")
-    h = self.out_layers[2:](h)
+    h = self.out_layers[2:](_norm_silu(norm, h, scale, shift))
     return self.skip_connection(x) + h
 
 
@@ -115,7 +129,7 @@ def _diffusers_forward(self, input_tensor, temb, *args, **kwargs):
             self.time_embedding_norm == "scale_shift" and not (embed and temb is not None)):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     x = input_tensor
-    h = group_norm_act(x, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, act="silu")
+    h = _norm_silu(norm1, x)
     resample = self.upsample if self.upsample is not None else self.downsample
     if resample is not None:
         x, h = resample(x), resample(h)
@@ -127,11 +141,39 @@ def _diffusers_forward(self, input_tensor, temb, *args, **kwargs):
         scale, shift = temb.chunk(2, dim=1)
     elif temb is not None:   # "default": the embedding is added before the norm
         h = h + (temb[:, :, None, None] if embed else temb)
-    h = group_norm_act(h, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, scale, shift, "silu")
-    h = self.conv2(self.dropout(h))
+    h = self.conv2(self.dropout(_norm_silu(norm2, h, scale, shift)))
     if self.conv_shortcut is not None:
         x = self.conv_shortcut(x)
     return (x + h) / self.output_scale_factor
+
+
+def _edm_forward(self, x, emb):
+    """EDM's UNetBlock.forward with both GroupNorm -> SiLU pairs as fused calls, the adaptive
+    scale/shift folded into the second (the block's own forward while a hook sits on a norm)."""
+    if _hooked(self.norm0) or _hooked(self.norm1):
+        return type(self).forward(self, x, emb)
+    h = self.conv0(_norm_silu(self.norm0, x))
+    params = self.affine(emb).to(h.dtype)
+    if self.adaptive_scale:
+        scale, shift = params.chunk(2, dim=1)
+        h = _norm_silu(self.norm1, h, scale, shift)
+    else:   # the embedding is added before the norm
+        h = _norm_silu(self.norm1, h + params[:, :, None, None])
+    h = self.conv1(torch.nn.functional.dropout(h, p=self.dropout, training=self.training))
+    x = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
+    return _edm_attention(self, x) if self.num_heads else x
+
+
+def _edm_attention(self, x):
+    """The self-attention tail of EDM's UNetBlock, through the AttentionOp of the block's own module
+    (fp32 softmax, inputs and saved tensors in their own dtype)."""
+    attention = getattr(sys.modules.get(type(self).__module__), "AttentionOp", None)
+    if attention is None:
+        raise LookupError(f"the block's module {type(self).__module__} has no AttentionOp")
+    heads = x.shape[0] * self.num_heads
+    q, k, v = self.qkv(self.norm2(x)).reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
+    out = torch.einsum("nqk,nck->ncq", attention.apply(q, k), v).reshape(x.shape)
+    return (self.proj(out) + x) * self.skip_scale
 
 
 def _close(out, ref):
@@ -214,6 +256,21 @@ def _diffusers_probe_inputs(m, gen):
     return x, None if proj is None else _randn((2, proj.in_features), proj.weight, gen)
 
 
+def _is_edm_block(m):
+    """Laid out as EDM's UNetBlock (norm0, conv0, affine, norm1, conv1, skip, adaptive_scale,
+    dropout, skip_scale; attention with norm2, qkv, proj when num_heads)."""
+    norms = [getattr(m, key, None) for key in ("norm0", "norm1")]
+    return all(isinstance(n, nn.Module) and (_is_edm_norm(n) or _is_plain_norm(n)) for n in norms) \
+        and isinstance(getattr(m, "num_heads", None), int) and all(hasattr(m, key) for key in (
+            "conv0", "affine", "conv1", "skip", "adaptive_scale", "dropout", "skip_scale", "in_channels",
+            "emb_channels")) and (not m.num_heads or all(hasattr(m, key) for key in ("norm2", "qkv", "proj")))
+
+
+def _edm_probe_inputs(m, gen):
+    like = m.norm0.weight
+    return _randn((2, m.in_channels, 8, 8), like, gen), _randn((2, m.emb_channels), like, gen)
+
+
 class _Block(NamedTuple):
     """A residual block layout whose GroupNorm -> SiLU code a fused method can replace."""
     name: str                                # whose block it is, with the method ("ADM's ResBlock._forward")
@@ -225,7 +282,8 @@ class _Block(NamedTuple):
 
 _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
            _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
-                  _diffusers_probe_inputs))
+                  _diffusers_probe_inputs),
+           _Block("EDM's UNetBlock.forward", "forward", _edm_forward, _is_edm_block, _edm_probe_inputs))
 
 
 def _patched(m, block):
@@ -262,10 +320,10 @@ def patch_model(model: nn.Module) -> list[Replacement]:
     - nn.Sequentials with a GroupNorm directly followed by SiLU become FusedSequential, which
       runs the pair as one call when the Sequential is called as a whole (its modules stay);
     - residual blocks laid out as ADM's ResBlock with ``use_scale_shift_norm`` (the
-      GN * (1 + scale) + shift -> SiLU tail of ``_forward``) or as diffusers' ResnetBlock2D
-      (both GN -> SiLU pairs of ``forward``, a 'scale_shift' embedding folded in) get that
-      method with fused calls, where a probe shows the block's own method computes the same;
-      otherwise the block is left as is, with a warning.
+      GN * (1 + scale) + shift -> SiLU tail of ``_forward``), as diffusers' ResnetBlock2D or as
+      EDM's UNetBlock (both GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale
+      embedding folded in) get that method with fused calls, where a probe shows the block's
+      own method computes the same; otherwise the block is left as is, with a warning.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.

@@ -2,6 +2,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -343,3 +344,142 @@ def test_a_patched_diffusers_block_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True)
     torch.testing.assert_close(compiled(x, temb), block(x, temb), rtol=1e-4, atol=1e-4)
+
+
+# EDM's blocks (NVlabs/edm, training/networks.py: SongUNet's DDPM++ / NCSN++ and DhariwalUNet), with
+# their arithmetic: a GroupNorm module of their own, an attention op in the blocks' module.
+class GroupNorm(nn.Module):
+    """EDM's GroupNorm: not an nn.GroupNorm; at most 32 groups of at least 4 channels."""
+
+    def __init__(self, num_channels, eps=1e-5):
+        super().__init__()
+        self.num_groups, self.eps = min(32, num_channels // 4), eps
+        self.weight, self.bias = nn.Parameter(torch.ones(num_channels)), nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class AttentionOp(torch.autograd.Function):
+    """EDM's attention weights softmax_k(q . k / sqrt(c)), computed in at least fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        wide = torch.promote_types(q.dtype, torch.float32)
+        w = torch.einsum("ncq,nck->nqk", q.to(wide), k.to(wide) / k.shape[1] ** 0.5).softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        q, k, w = ctx.saved_tensors
+        wide = torch.promote_types(q.dtype, torch.float32)
+        w, grad_w = w.to(wide), grad_w.to(wide)
+        grad_s = w * (grad_w - (grad_w * w).sum(dim=2, keepdim=True)) / k.shape[1] ** 0.5
+        return (torch.einsum("nck,nqk->ncq", k.to(wide), grad_s).to(q.dtype),
+                torch.einsum("ncq,nqk->nck", q.to(wide), grad_s).to(k.dtype))
+
+
+class UNetBlock(nn.Module):
+    """EDM's UNetBlock: GN -> SiLU -> conv0; the embedding as adaptive scale/shift of norm1 or added
+    before it; GN -> SiLU -> conv1; scaled skip; optional self-attention."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 adaptive_scale=True):
+        """adaptive_scale: as DhariwalUNet (ADM) has them; else as SongUNet (DDPM++, NCSN++)."""
+        super().__init__()
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        self.num_heads = (out_channels // 16 if adaptive_scale else 1) if attention else 0
+        self.dropout, self.adaptive_scale = 0.0, adaptive_scale
+        self.skip_scale, eps = (1, 1e-5) if adaptive_scale else (np.sqrt(0.5), 1e-6)
+        resample = [nn.Upsample(scale_factor=2)] if up else [nn.AvgPool2d(2)] if down else []
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = nn.Sequential(*resample, nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.affine = nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            self.skip = nn.Sequential(*resample, nn.Conv2d(in_channels, out_channels, 1))
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = nn.Conv2d(out_channels, 3 * out_channels, 1)
+            self.proj = nn.Conv2d(out_channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.conv0(nn.functional.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = nn.functional.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = nn.functional.silu(self.norm1(h.add_(params)))
+        h = self.conv1(nn.functional.dropout(h, p=self.dropout, training=self.training))
+        x = h.add_(x if self.skip is None else self.skip(x)) * self.skip_scale
+        if self.num_heads:
+            n, c = x.shape[:2]
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
+            a = torch.einsum("nqk,nck->ncq", AttentionOp.apply(q, k), v).reshape(x.shape)
+            x = self.proj(a).add_(x) * self.skip_scale
+        return x
+
+
+class TinyEDMUNet(nn.Module):
+    """EDM's blocks chained as its UNets chain them: plain, down, attention, up."""
+
+    def __init__(self, adaptive_scale):
+        super().__init__()
+        self.map = nn.Linear(1, 24)
+        self.inp = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList([UNetBlock(16, 16, 24, adaptive_scale=adaptive_scale),
+                                     UNetBlock(16, 32, 24, down=True, adaptive_scale=adaptive_scale),
+                                     UNetBlock(32, 32, 24, attention=True, adaptive_scale=adaptive_scale),
+                                     UNetBlock(32, 16, 24, up=True, adaptive_scale=adaptive_scale)])
+        self.out_norm = GroupNorm(16)
+        self.out = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x, sigma):
+        emb = nn.functional.silu(self.map(sigma.log()[:, None]))
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nn.functional.silu(self.out_norm(h)))
+
+
+@pytest.mark.parametrize("adaptive_scale", [True, False], ids=["dhariwal_unet", "song_unet"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_patched_edm_unet_gives_the_same_outputs_and_gradients(adaptive_scale, memory_format):
+    model = randomized(TinyEDMUNet(adaptive_scale)).double()
+    patched = copy.deepcopy(model)
+    assert sorted(r.name for r in patch_model(patched)) == [f"blocks.{i}.forward" for i in range(4)]
+    assert patch_model(patched) == []   # idempotent
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(memory_format=memory_format)
+    sigma = torch.tensor([0.02, 40.0], dtype=torch.float64)
+    assert_same_outputs_and_gradients(model(x, sigma), patched(x, sigma), model, patched, rtol=1e-9, atol=1e-10)
+
+
+def test_edm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forward():
+    class Unscaled(UNetBlock):   # a fork whose forward differs: no skip scale
+        def forward(self, x, emb):
+            return super().forward(x, emb) / self.skip_scale
+
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    forked = randomized(Unscaled(16, 16, 24, adaptive_scale=False))
+    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from EDM's UNetBlock.forward"):
+        assert patch_model(forked) == []
+    assert "forward" not in forked.__dict__
+
+    model = randomized(UNetBlock(16, 32, 24, down=True, attention=True))
+    patched = copy.deepcopy(model)
+    assert [r.name for r in patch_model(patched)] == ["forward"]
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.forward.args[0] is loaded
+    for other in (patched, loaded):
+        assert_same_function(model, other, x, emb)
+    calls = []
+    patched.norm1.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
+    assert_same_function(model, patched, x, emb)
+    assert calls == [1]
