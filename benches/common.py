@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 
 from adv_dpm.ops import use_backend  # noqa: E402
 from adv_dpm.utils import atomic_write, cpu_name  # noqa: E402
@@ -112,6 +113,52 @@ def compare(fns, device, min_run_time, rounds=5):
         gpu = graph_seconds(fn, min_run_time) if device == "cuda" else None
         timings[name] = {"us": wall * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "basis_s": gpu or wall}
     return timings
+
+
+def short_kernel_name(name):
+    """A GPU kernel's name without return type, namespaces, parameter list and nested template
+    arguments: 'gn_fwd_tile_kernel<bf16,8,2,0>', 'vectorized_elementwise_kernel'."""
+    name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    base, bracket, args = name.partition("<")
+    base = base.rsplit("::", 1)[-1].strip()
+    args = args.rstrip(" >").replace("__nv_bfloat16", "bf16").replace("__half", "half").replace(" ", "")
+    return f"{base}<{args}>" if bracket and not any(c in args for c in "<:(") else base
+
+
+def kernel_breakdown(fn, calls=5):
+    """Where one call of fn spends its GPU time: 'kernel µs, kernel µs xN, ...', each kernel's
+    median over ``calls`` profiled calls in first-launch order (xN: launched N times a call).
+    None, with the reason printed, where the profiler fails: an optional figure."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+        return summarize_kernels([(short_kernel_name(e.name), e.time_range.elapsed_us()) for e in kernels], calls)
+    except Exception as e:  # noqa: BLE001 (the row keeps its timings)
+        print(f"  (no kernel breakdown: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
+        return None
+
+
+def summarize_kernels(kernels, calls):
+    """'name µs, name µs xN, ...' from (name, µs) of ``calls`` calls' kernels in launch order."""
+    if not kernels:
+        raise ValueError("the profiler saw no GPU kernels")
+    times = {}
+    for name, us in kernels:
+        times.setdefault(name, []).append(us)
+    return ", ".join(f"{name} {statistics.median(t):.1f}" + (f" x{len(t) / calls:g}" if len(t) != calls else "")
+                     for name, t in times.items())
 
 
 def copy_of(nbytes, device):
