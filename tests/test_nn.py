@@ -334,16 +334,6 @@ def test_a_method_set_on_the_instance_stays():
     assert calls == [1]
 
 
-def test_a_patched_diffusers_block_compiles_without_graph_breaks():
-    resnet = pytest.importorskip("diffusers.models.resnet")
-    block = randomized(resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, down=True,
-                                            time_embedding_norm="scale_shift"))
-    patched = copy.deepcopy(block)
-    patch_model(patched)
-    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
-    torch._dynamo.reset()
-    compiled = torch.compile(patched, fullgraph=True)
-    torch.testing.assert_close(compiled(x, temb), block(x, temb), rtol=1e-4, atol=1e-4)
 
 
 # EDM's blocks (NVlabs/edm, training/networks.py: SongUNet's DDPM++ / NCSN++ and DhariwalUNet), with
@@ -483,3 +473,21 @@ def test_edm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forwar
     patched.norm1.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
     assert_same_function(model, patched, x, emb)
     assert calls == [1]
+
+
+def diffusers_block():
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    return resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, down=True,
+                                time_embedding_norm="scale_shift")
+
+
+@pytest.mark.parametrize("make_block", [diffusers_block, lambda: UNetBlock(8, 16, 12, down=True, attention=True)],
+                         ids=["diffusers", "edm"])
+def test_a_patched_block_compiles_without_graph_breaks(make_block):
+    block = randomized(make_block())
+    patched = copy.deepcopy(block)
+    assert [r.name for r in patch_model(patched)] == ["forward"]
+    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=True)
+    torch.testing.assert_close(compiled(x, temb), block(x, temb), rtol=1e-4, atol=1e-4)
