@@ -234,8 +234,10 @@ def main(argv=None):
 
     p = sub.add_parser("compare", help=compare.__doc__, description=compare.__doc__)
     p.add_argument("baseline", help="folder or quoted glob pattern: the baseline's evaluations, one results.json "
-                   "per seed (e.g. 'runs/reproduce-cm-full/toy/seed*/ct')")
-    p.add_argument("runs", nargs="+", help="folders or quoted glob patterns of the runs to compare with it")
+                   "per seed (e.g. 'runs/reproduce-cm-full/toy/seed*/ct'); LABEL=PATTERN names a set in the "
+                   "tables and plots (e.g. 'CT=runs/reproduce-cm-full/toy/seed*/ct')")
+    p.add_argument("runs", nargs="+", help="folders or quoted glob patterns of the runs to compare with it (or "
+                   "LABEL=PATTERN)")
     p.add_argument("--metrics", type=_name_list, default=None,
                    help="comma-separated metric columns (default: the primary metric, swd or fd, and its scores "
                    "under perturbed inputs where evaluated)")

@@ -1,7 +1,8 @@
 """Paired comparison of evaluated runs over seeds: ``adv-dpm compare BASELINE RUN [RUN ...]``.
 
 Each argument names a set of evaluations, a folder or a glob pattern: every results.json under it
-(written by ``adv-dpm evaluate``) is one seed's evaluation, keyed by its evaluation seed. Each
+(written by ``adv-dpm evaluate``) is one seed's evaluation, keyed by its evaluation seed;
+``LABEL=PATTERN`` gives the set a short name for the tables and plots. Each
 run set is compared with the baseline set cell by cell (sampler, NFE), paired over the seeds both
 have, as ``reproduce`` compares its methods: the mean difference, its 95% t interval, the paired
 t test's p and the relative change. This is the table an ablation needs, e.g. a setting changed
@@ -36,6 +37,15 @@ def load_set(pattern):
     return seeds
 
 
+def labelled(arg):
+    """(label, pattern) of a set argument: 'LABEL=PATTERN' names the set (a label has no '/', and an
+    existing path with '=' in its name stays a path), else the pattern is its own label."""
+    label, eq, pattern = arg.partition("=")
+    if eq and label and pattern and "/" not in label and not glob.glob(arg):
+        return label, pattern
+    return arg, arg
+
+
 def default_metrics(rows):
     """The primary metric of the rows' data and its scores under perturbed inputs, where present."""
     primary = PRIMARY[data_kind(rows[0]["data"])]
@@ -43,8 +53,10 @@ def default_metrics(rows):
 
 
 def compare(baseline, runs, metrics=None):
-    """Rows of the paired comparison of each set of ``runs`` with ``baseline`` (patterns, see load_set)."""
-    base = load_set(baseline)
+    """Rows of the paired comparison of each set of ``runs`` with ``baseline`` (patterns, see load_set,
+    or LABEL=PATTERN, see labelled)."""
+    baseline, base_pattern = labelled(baseline)
+    base = load_set(base_pattern)
     first = next(iter(base.values()))
     metrics = metrics or default_metrics(list(first.values()))
     available = metric_columns(list(first.values()))
@@ -52,8 +64,8 @@ def compare(baseline, runs, metrics=None):
     if unknown:
         raise ValueError(f"compare: metrics {unknown} are not in the baseline's evaluations, which have {available}")
     out = []
-    for name in runs:
-        other = load_set(name)
+    for name, pattern in map(labelled, runs):
+        other = load_set(pattern)
         seeds = sorted(set(base) & set(other))
         if not seeds:
             raise ValueError(f"compare: {name!r} has no seed in common with the baseline {baseline!r} "

@@ -35,7 +35,7 @@ def test_runs_are_paired_by_seed_cell_by_cell(tmp_path, capsys):
     assert (tmp_path / "out" / "compare_swd.png").stat().st_size > 0
 
 
-def test_glob_patterns_and_the_perturbed_scores(tmp_path):
+def test_glob_patterns_labels_and_the_perturbed_scores(tmp_path, monkeypatch):
     for seed in range(2):
         for method, shift in (("ct", 0.0), ("ct_at", 0.5)):
             _evaluation(tmp_path / "proto" / f"seed{seed}" / method, seed,
@@ -46,6 +46,14 @@ def test_glob_patterns_and_the_perturbed_scores(tmp_path):
     only = cmp.compare(str(tmp_path / "proto" / "seed*" / "ct"), [str(tmp_path / "proto" / "seed*" / "ct_at")],
                        metrics=["precision"])
     assert [r["metric"] for r in only] == ["precision"]
+    named = cmp.compare(f"CT={tmp_path / 'proto' / 'seed*' / 'ct'}", [f"AT={tmp_path / 'proto' / 'seed*' / 'ct_at'}"])
+    assert {(r["baseline"], r["run"]) for r in named} == {("CT", "AT")}
+    assert [r["diff"] for r in named] == [r["diff"] for r in rows]
+    assert "Each run − the baseline CT " in cmp.report(named) and "| AT (n=2) |" in cmp.report(named)
+    monkeypatch.chdir(tmp_path)
+    _evaluation(tmp_path / "lr=0.1" / "seed0", 0, {1: 1.0})   # an existing path with '=' in its name stays a path
+    assert cmp.labelled("lr=0.1") == ("lr=0.1", "lr=0.1") and cmp.labelled("lr=0.2") == ("lr", "0.2")
+    assert cmp.labelled("runs/lr=0.2") == ("runs/lr=0.2", "runs/lr=0.2")   # a label has no '/'
     for seed in range(2):   # evaluated without --robustness: its perturbed scores are left out, not an error
         _evaluation(tmp_path / "clean" / f"seed{seed}", seed, {1: 1.0})
     assert [r["metric"] for r in cmp.compare(str(tmp_path / "proto" / "seed*" / "ct"), [str(tmp_path / "clean")])] \
