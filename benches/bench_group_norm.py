@@ -5,8 +5,7 @@ upcast, GroupNorm, cast back, * (1 + scale) + shift, SiLU), the same in the inpu
     python benches/bench_group_norm.py [--device cpu|cuda] [--dtypes float32] [--out DIR]
 
 Forward, backward and both; median time, minimal bytes, GB/s, ratio to a same-size copy,
-the bytes saved for backward (all devices), and on CUDA the peak memory of forward+backward
-and its GPU kernels with their times (ours and compile's).
+the bytes saved for backward (all devices) and peak memory of forward+backward (CUDA).
 """
 import argparse
 import functools
@@ -31,8 +30,7 @@ COLUMNS = [("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", 
            ("us", "median us", "{:.1f}"), ("gpu_us", "GPU-only us", "{:.1f}"),
            ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
            ("vs_eager", "x ADM eager", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
-           ("saved_mib", "saved for bwd MiB", "{:.2f}"), ("peak_mib", "peak MiB", "{:.1f}"),
-           ("gpu_kernels", "GPU kernels (µs each)", "{}")]
+           ("saved_mib", "saved for bwd MiB", "{:.2f}"), ("peak_mib", "peak MiB", "{:.1f}")]
 
 
 def inputs(shape, dtype, device):
@@ -104,9 +102,7 @@ def bench(rows, shapes, dtypes, device, min_run_time):
                     if name_pass == "fwd+bwd":
                         peak = common.peak_memory(run, device)
                         extra = dict(saved_mib=saved_bytes(fns[name][1], x, p) / 2**20,
-                                     peak_mib=None if peak is None else peak / 2**20,
-                                     gpu_kernels=common.kernel_breakdown(run) if device == "cuda" and name not in
-                                     ("ADM eager", "eager in dtype") else None)
+                                     peak_mib=None if peak is None else peak / 2**20)
                     rows.append(common.rate_row(times[name], nbytes, copy_bw, shape="x".join(map(str, shape)),
                                                 dtype=str(dtype).split(".")[-1], **{"pass": name_pass},
                                                 provider=name, **extra))

@@ -4,8 +4,7 @@ composite (eager, as ADM / the authors' code write it) and torch.compile of it, 
     python benches/bench_ops.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16] [--out DIR]
 
 Prints a table and writes JSON + markdown under benches/results/ (see benches/common.py for
-the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy); on CUDA each
-row of ours and compile's also lists its GPU kernels with their times.
+the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy).
 """
 import argparse
 import functools
@@ -28,7 +27,7 @@ COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"
            ("us", "median us", "{:.1f}"), ("gpu_us", "GPU-only us", "{:.1f}"),
            ("gbps", "GB/s", "{:.1f}"), ("of_copy", "of copy", "{:.0%}"),
            ("vs_eager", "x eager", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
-           ("peak_mib", "peak MiB", "{:.1f}"), ("gpu_kernels", "GPU kernels (µs each)", "{}")]
+           ("peak_mib", "peak MiB", "{:.1f}")]
 
 
 def inputs(shape, dtype, device):
@@ -102,9 +101,7 @@ def bench(rows, shape_names, dtypes, device, min_run_time):
                     peak = common.peak_memory(fn, device) if "bwd" in op else None
                     rows.append(common.rate_row(times[name], nbytes, copy_bw, op=op, shape="x".join(map(str, shape)),
                                                 dtype=str(dtype).split(".")[-1], provider=name,
-                                                peak_mib=None if peak is None else peak / 2**20,
-                                                gpu_kernels=common.kernel_breakdown(fn) if device == "cuda"
-                                                and name != "eager" else None))
+                                                peak_mib=None if peak is None else peak / 2**20))
                 common.add_speedups(rows[-len(providers):], "eager", "compile")
                 common.print_rows(rows[-len(providers):], common.device_columns(COLUMNS, device))
 

@@ -132,33 +132,34 @@ def short_kernel_name(name):
 
 
 def kernel_breakdown(fn, calls=5):
-    """Where one call of fn spends its GPU time: 'kernel µs, kernel µs xN, ...', each kernel's
-    median over ``calls`` profiled calls in first-launch order (xN: launched N times a call).
-    None, with the reason printed, where the profiler fails: an optional figure."""
-    try:
-        fn()
+    """The GPU kernels one call of fn launches, from the profiler over ``calls`` calls:
+    [(name, median µs, launches per call)] in first-launch order (see ``summarize_kernels``).
+    Profile in a process that captures no CUDA graph: CUPTI and graph capture have crashed
+    each other in some CUDA versions."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                         key=lambda e: e.time_range.start)
-        return summarize_kernels([(short_kernel_name(e.name), e.time_range.elapsed_us()) for e in kernels], calls)
-    except Exception as e:  # noqa: BLE001 (the row keeps its timings)
-        print(f"  (no kernel breakdown: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
-        return None
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    return summarize_kernels([(short_kernel_name(e.name), e.time_range.elapsed_us()) for e in kernels], calls)
 
 
 def summarize_kernels(kernels, calls):
-    """'name µs, name µs xN, ...' from (name, µs) of ``calls`` calls' kernels in launch order."""
+    """[(name, median µs, launches per call)] from the (name, µs) of ``calls`` calls' kernels in
+    launch order, one entry per kernel name."""
     if not kernels:
         raise ValueError("the profiler saw no GPU kernels")
     times = {}
     for name, us in kernels:
         times.setdefault(name, []).append(us)
-    return ", ".join(f"{name} {statistics.median(t):.1f}" + (f" x{len(t) / calls:g}" if len(t) != calls else "")
-                     for name, t in times.items())
+    return [(name, statistics.median(t), len(t) / calls) for name, t in times.items()]
+
+
+def kernels_text(summary):
+    """'name µs, name µs xN, ...' (xN: launched N times a call)."""
+    return ", ".join(f"{name} {us:.1f}" + (f" x{n:g}" if n != 1 else "") for name, us, n in summary)
 
 
 def copy_of(nbytes, device):

@@ -3,9 +3,11 @@
 # build adv_dpm._C with its CUDA kernels, run the CUDA tests (CUDA C++ and Triton on the GPU),
 # run the GPU benchmarks. Everything lands in the folder given (default benches/results/gpu):
 # gpu_check.log (every step's output, then a summary), the benchmarks'
-# <name>-<device>-<date>.{md,json} and targets.md. (Few files: a device call returns at most 8.)
-# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train patch"), about 7.8
-# minutes in all; a benchmark stopped at its limit keeps the rows it measured, and each measures
+# <name>-<device>-<date>.{md,json} and targets.md. GPU_CHECK_ARCHIVE=FILE.tar.gz also packs that
+# folder into FILE after every step (atomically), so that a run stopped from outside still hands
+# back, in one file, all that its finished steps wrote (a device call returns at most 8 files).
+# Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn train patch kernels"),
+# about 8 minutes in all; a benchmark stopped at its limit keeps the rows it measured, and each measures
 # the rows of the issues' targets first.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
 set -uo pipefail
@@ -14,11 +16,15 @@ OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN T_PATCH <<<"${GPU_CHECK_LIMITS:-100 60 100 120 50 40}"
+read -r T_BUILD T_TESTS T_OPS T_GN T_TRAIN T_PATCH T_KERNELS <<<"${GPU_CHECK_LIMITS:-100 60 90 110 50 40 30}"
 status=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
 summary=""
+pack() {  # the whole OUT folder into GPU_CHECK_ARCHIVE, if set
+  [ -n "${GPU_CHECK_ARCHIVE:-}" ] || return 0
+  tar -czf "$GPU_CHECK_ARCHIVE.tmp" -C "$OUT" . && mv -f "$GPU_CHECK_ARCHIVE.tmp" "$GPU_CHECK_ARCHIVE"
+}
 step() {  # step NAME LIMIT CMD...: run under a time limit and log; remember a failure, go on
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
@@ -27,9 +33,10 @@ step() {  # step NAME LIMIT CMD...: run under a time limit and log; remember a f
   local rc=${PIPESTATUS[0]}
   summary+="$name: exit $rc in $((SECONDS - t0)) s$([ "$rc" -eq 124 ] && echo ' (time limit)')"$'\n'
   [ "$rc" -eq 0 ] || status=1
+  pack
   return "$rc"
 }
-finish() { printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$LOG"; exit $status; }
+finish() { printf '== summary\n%sresults in %s\n' "$summary" "$OUT" | tee -a "$LOG"; pack; exit $status; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -58,5 +65,7 @@ if "$PY" -c "import diffusers" 2>/dev/null; then
 else
   echo "== bench_patch: skipped (diffusers is not installed)" | tee -a "$LOG"
 fi
+# Where the GPU time goes, kernel by kernel (its own process: no CUDA graph meets the profiler).
+step bench_kernels "${T_KERNELS:-30}" "$PY" benches/bench_kernels.py --out "$OUT"
 "$PY" benches/targets.py "$OUT" >"$OUT/targets.md" 2>>"$LOG"  # the issues' targets, met or not
 finish
