@@ -28,9 +28,13 @@ OPS_SHAPES = ("imagenet64", "cifar10")
 
 
 def row(op, shape, dtype, provider, fn):
-    summary = common.kernel_breakdown(fn)
-    return dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1], provider=provider,
-                total_us=sum(us * n for _, us, n in summary), launches=sum(n for *_, n in summary),
+    """One call's kernels; where the profiler fails, the row says why and the table goes on."""
+    r = dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1], provider=provider)
+    try:
+        summary = common.kernel_breakdown(fn)
+    except Exception as e:  # noqa: BLE001 (a diagnostic: the other rows still count)
+        return dict(r, kernels=f"no breakdown: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return dict(r, total_us=sum(us * n for _, us, n in summary), launches=sum(n for *_, n in summary),
                 kernels=common.kernels_text(summary))
 
 

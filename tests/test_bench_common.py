@@ -51,3 +51,12 @@ def test_the_kernel_table_covers_every_op_and_backend(monkeypatch):
     assert [(r["op"], r["provider"]) for r in rows] == [(op, b) for op in ops for b in ours]
     assert len(ran) == len(rows) and rows[0]["total_us"] == 5.0 and rows[0]["launches"] == 3
     assert rows[0]["kernels"] == "apply 2.0, stats 1.5 x2" and rows[0]["shape"] == "2x64x4x4"
+
+
+
+def test_a_row_whose_profile_fails_says_why(monkeypatch):
+    def failing(fn):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\ndetails")
+    monkeypatch.setattr(common, "kernel_breakdown", failing)
+    r = bench_kernels.row("adv_step", (2, 3), torch.float32, "cuda", lambda: None)
+    assert r["kernels"] == "no breakdown: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" and "total_us" not in r
