@@ -399,12 +399,12 @@ class Trainer:
                 xi = torch.randn(m["x0"].shape, generator=self.noise).to(self.device)
                 delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
                 m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"], delta, "original")
-            if self.consistency:   # the perturbation moves the input only; the target follows from x_s
+            if self.consistency:
                 m["s"] = s[part]
                 m["x_s"] = self._ode_step(m, m["x_t"])
-                m["perturbation"] = Perturbation(m["x_t"], None, m["c_noise"], self.cfg.adversarial(), self.noise)
-            else:
-                m["perturbation"] = Perturbation(m["x_t"], m["eps"], m["c_noise"], self.cfg.adversarial(), self.noise)
+            # a consistency model's perturbation moves the input only (no eps): its target follows from x_s
+            m["perturbation"] = Perturbation(m["x_t"], None if self.consistency else m["eps"], m["c_noise"],
+                                             self.cfg.adversarial(), self.noise)
             micro.append(m)
         return micro
 
