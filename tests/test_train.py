@@ -210,15 +210,14 @@ def test_random_direction_reaches_the_trainer(tmp_path):
 
 @pytest.mark.parametrize("direction", ["gradient", "random"])
 def test_resumed_run_continues_the_same_trajectory(tmp_path, direction):
-    straight = Trainer(config(tmp_path / "a", total_steps=12, mode="free_at", adv_target="delta",
-                              schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
+    settings = dict(mode="free_at", adv_target="delta", schedule_sampler="loss-second-moment", ema_rate="0.9,0.99",
+                    adv_direction=direction)
+    straight = Trainer(config(tmp_path / "a", total_steps=12, **settings))
     straight.train()
     assert int(straight.timesteps.loss_counts.sum()) > 0   # the trainer feeds the sampler its losses
-    first = Trainer(config(tmp_path / "b", total_steps=6, mode="free_at", adv_target="delta",
-                           schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
+    first = Trainer(config(tmp_path / "b", total_steps=6, **settings))
     first.train()
-    resumed = Trainer(config(tmp_path / "b", total_steps=12, mode="free_at", adv_target="delta",
-                             schedule_sampler="loss-second-moment", ema_rate="0.9,0.99", adv_direction=direction))
+    resumed = Trainer(config(tmp_path / "b", total_steps=12, **settings))
     assert resumed.step == 6
     resumed.train()
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
