@@ -334,8 +334,6 @@ def test_a_method_set_on_the_instance_stays():
     assert calls == [1]
 
 
-
-
 # EDM's blocks (NVlabs/edm, training/networks.py: SongUNet's DDPM++ / NCSN++ and DhariwalUNet), with
 # their arithmetic: a GroupNorm module of their own, an attention op in the blocks' module.
 class GroupNorm(nn.Module):
