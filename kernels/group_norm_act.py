@@ -49,7 +49,8 @@ import triton.language as tl
 
 from ._common import INT32_MAX, TARGET_PROGRAMS, device_guard, store
 
-# Plan sizes (module globals, read at every call: tests shrink them to force a plan).
+# Plan sizes (module globals, read at every call: tests shrink them to force a plan, and
+# benches/tune_group_norm.py times alternatives on a GPU).
 FUSED_MAX = 8192          # largest padded group (CGP * HWP) a ONE program holds in registers
 FUSED_TILE = 4096         # ONE programs pack small groups up to this many elements
 TILE = 4096               # elements of a LOOPED / SPLIT tile
@@ -62,6 +63,7 @@ COMBINE_IN_APPLY = 64     # SPLIT forward: apply programs combine GB x NCP parti
                           # else a small kernel combines them once (N * G groups)
 SPLIT_PROGRAMS = 2 * TARGET_PROGRAMS  # SPLIT reductions merge tiles while this many programs remain
 REDUCE_TILE = 4096        # elements of a _gn_bwd_reduce_kernel tile
+WARPS = ((1024, 4), (4096, 8), (math.inf, 16))  # (largest tile in elements, num_warps) of the tiled kernels
 ONE, LOOPED, SPLIT = "one", "looped", "split"
 FORCE_PLAN = None         # tests: force a plan (None: automatic; a forced ONE falls back when too big)
 FORCE_I64 = False         # tests: 64-bit in-sample offsets even for small tensors
@@ -640,7 +642,7 @@ def _flags(C, HW, views):
 
 
 def _warps(tile):
-    return 4 if tile <= 1024 else (8 if tile <= 4096 else 16)
+    return next(warps for largest, warps in WARPS if tile <= largest)
 
 
 def _chunking(rows, nt, max_chunks):

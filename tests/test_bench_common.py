@@ -1,4 +1,6 @@
-"""benches/common.py's GPU kernel breakdown and benches/bench_kernels.py (the profiling itself needs a GPU)."""
+"""benches/common.py's GPU kernel breakdown, benches/bench_kernels.py and benches/tune_group_norm.py
+(the profiling and the timings themselves need a GPU)."""
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import bench_group_norm  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_ops  # noqa: E402
 import common  # noqa: E402
+import tune_group_norm  # noqa: E402
+
+from adv_dpm.ops import reference  # noqa: E402
 
 
 @pytest.mark.parametrize("name,short", [
@@ -53,10 +58,73 @@ def test_the_kernel_table_covers_every_op_and_backend(monkeypatch):
     assert rows[0]["kernels"] == "apply 2.0, stats 1.5 x2" and rows[0]["shape"] == "2x64x4x4"
 
 
-
 def test_a_row_whose_profile_fails_says_why(monkeypatch):
     def failing(fn):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\ndetails")
     monkeypatch.setattr(common, "kernel_breakdown", failing)
     r = bench_kernels.row("adv_step", (2, 3), torch.float32, "cuda", lambda: None)
     assert r["kernels"] == "no breakdown: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" and "total_us" not in r
+
+
+def test_every_plan_candidate_changes_what_some_case_launches():
+    """A candidate that launches the defaults' kernels at every case would spend GPU time for nothing."""
+    for name, overrides in tune_group_norm.CANDIDATES.items():
+        if name == "default":
+            continue
+        assert any(tune_group_norm.launch_plan(shape, layout, p, overrides)
+                   != tune_group_norm.launch_plan(shape, layout, p, {})
+                   for shape, layout in tune_group_norm.CASES for p in tune_group_norm.PASSES), name
+
+
+def test_plan_sizes_are_restored_after_a_candidate_even_when_it_fails():
+    kernels = tune_group_norm.kernels
+    before = (kernels.TILE, kernels.WARPS)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        with tune_group_norm.plan_sizes({"TILE": 64, "WARPS": ((math.inf, 1),)}):
+            assert (kernels.TILE, kernels._warps(4096)) == (64, 1)
+            raise RuntimeError("launch failed")
+    assert (kernels.TILE, kernels.WARPS) == before
+
+
+def test_the_tuning_table_times_each_distinct_plan_and_keeps_going_past_a_failure(monkeypatch):
+    """tune_group_norm's rows on CPU (Triton under its interpreter), one small case whose plan the
+    candidates change; the timing is replaced by one call of each provider. Each candidate's
+    output is checked against the float64 oracle while its plan sizes are set."""
+    kernels = tune_group_norm.kernels
+    monkeypatch.setattr(tune_group_norm, "CASES", [((2, 64, 4, 4), "nchw")])
+    monkeypatch.setattr(tune_group_norm, "CANDIDATES", {
+        "default": {}, "split": {"FUSED_MAX": 16}, "fewer warps": {"WARPS": ((math.inf, 1),)},
+        "same as default": {"LOOP_MAX_BYTES": 2 * kernels.LOOP_MAX_BYTES}, "broken": {"FUSED_MAX": 16, "TILE": 8}})
+    x, p, grad_y = bench_group_norm.inputs((2, 64, 4, 4), torch.bfloat16, "cpu")
+    expected = reference.group_norm_act(x.double(), *(p[k].double() for k in ("weight", "bias", "scale", "shift")),
+                                        bench_group_norm.GROUPS, 1e-5, 1)[0]
+    outputs, planned = {}, []  # by candidate: its forward's output and plan; the plans launched
+    real_pass, real_plan = tune_group_norm.candidate_pass, kernels._group_plan
+    monkeypatch.setattr(kernels, "_group_plan", lambda *a: planned.append(real_plan(*a)) or planned[-1])
+
+    def checked_pass(name, name_pass, *args):
+        if name == "broken":
+            raise RuntimeError("out of resources\ndetails")
+        run = real_pass(name, name_pass, *args)
+        if name_pass == "fwd":
+            planned.clear()
+            outputs[name] = (run(), planned[0][0])
+        return run
+    monkeypatch.setattr(tune_group_norm, "candidate_pass", checked_pass)
+    fake_times = {"copy": 1.0, "default": 2.0, "split": 4.0, "fewer warps": 1.6}
+    monkeypatch.setattr(common, "compare", lambda fns, device, min_run_time: {
+        name: {"us": fake_times[name], "gpu_us": None, "basis_s": fake_times[name] * 1e-6} for name in fns})
+    rows = []
+    tune_group_norm.fill(rows, device="cpu")
+    assert [(r["pass"], r["candidate"]) for r in rows] == [
+        (p_, c) for p_ in ("fwd", "bwd") for c in ("default", "split", "fewer warps", "broken")]
+    fwd = {r["candidate"]: r for r in rows if r["pass"] == "fwd"}
+    assert fwd["default"]["plan"].startswith("one") and fwd["split"]["plan"].startswith("split")
+    assert fwd["fewer warps"]["plan"].endswith("w1")
+    assert fwd["split"]["of_copy"] == pytest.approx(0.25) and fwd["split"]["vs_default"] == pytest.approx(0.5)
+    assert fwd["broken"]["error"] == "RuntimeError: out of resources" and "of_copy" not in fwd["broken"]
+    assert {name: plan for name, (_, plan) in outputs.items()} == {"default": "one", "split": "split",
+                                                                    "fewer warps": "one"}  # what ran
+    for name, (y, _) in outputs.items():
+        torch.testing.assert_close(y.double(), expected, atol=0.05, rtol=0.02, msg=name)
+    assert tune_group_norm.best(rows)[0] == ("2x64x4x4 nchw fwd", "fewer warps", pytest.approx(0.625), pytest.approx(1.25))
