@@ -218,6 +218,18 @@ def test_backward_is_deterministic(pair):
         assert torch.equal(a, b)
 
 
+def test_backward_makes_no_zero_gradients_for_the_statistics():
+    """The statistics are outputs of the op that nothing differentiates: autograd must not fill
+    (N, G) tensors of zeros for their gradients at every backward (two kernels per call on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    x, w, b = torch.randn(2, 8, 4, 4, requires_grad=True), torch.ones(8, requires_grad=True), torch.zeros(8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        group_norm_act(x, w, b, 4).sum().backward()
+    zero_fills = [(e.name, e.input_shapes) for e in prof.events()
+                  if e.name in ("aten::zeros", "aten::zero_", "aten::fill_") and e.input_shapes[:1] == [[2, 4]]]
+    assert x.grad is not None and w.grad is not None and not zero_fills
+
+
 def test_autocast_keeps_the_input_dtype_like_groupnorm32():
     x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
     w, b = torch.ones(8), torch.zeros(8)

@@ -105,9 +105,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, eps, scale, shift, act = inputs
     ctx.num_groups, ctx.eps, ctx.act, ctx.forced_backend = num_groups, eps, act, backend.forced_backend()
     ctx.save_for_backward(x, output[1], output[2], weight, bias, scale, shift)
+    # The statistics' gradients are never used: autograd would otherwise fill two (N, G) tensors
+    # of zeros for them at every backward (two more kernels per call on a GPU).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    if grad_y is None:  # only the statistics were used
+        return (None,) * 8
     x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
     if backend.double_backward():
         return backend.recomputed_grads(_group_norm_act, (x, weight, bias, ctx.num_groups, ctx.eps, scale, shift,
