@@ -7,20 +7,22 @@ from conftest import ATOL, PAIRS, _pair_params, assert_within_budget, is_interpr
 
 OP = "group_norm_act"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# (shape, groups, layout, data kind, parameters given (w, b, scale, shift), act)
+# (shape, groups, layout, data kind, parameters given, act); parameters: "wb" weight and bias,
+# "ss" scale and shift as ADM makes them (the halves of one (N, 2C) projection: strided views),
+# "SS" scale and shift as contiguous tensors of their own.
 CASES = [
     ((4, 32, 8, 8), 8, "contiguous", "shifted", "wbss", "silu"),
-    ((4, 32, 8, 8), 8, "channels_last", "centred", "wbss", "silu"),
+    ((4, 32, 8, 8), 8, "channels_last", "centred", "wbSS", "silu"),
     ((3, 96, 5, 7), 32, "channels_last", "shifted", "wb", "silu"),
     ((2, 30, 4, 4), 5, "contiguous", "mean100", "ss", None),
     ((2, 30, 4, 4), 5, "channels_last", "shifted", "wbss", "silu"),  # channels not a whole vector
-    ((1, 64, 1, 1), 16, "contiguous", "shifted", "wbss", "silu"),
+    ((1, 64, 1, 1), 16, "contiguous", "shifted", "wbSS", "silu"),
     ((5, 12), 4, "contiguous", "centred", "wbss", None),
     ((2, 16, 6), 4, "contiguous", "shifted", "", "silu"),
     ((2, 256, 8, 8), 1, "channels_last", "mean100", "wbss", "silu"),
     # Few, large groups: the CUDA kernels split each group over several blocks (vector and
     # scalar tiles), Triton runs its SPLIT plan on the second.
-    ((2, 32, 32, 32), 8, "contiguous", "shifted", "wbss", "silu"),
+    ((2, 32, 32, 32), 8, "contiguous", "shifted", "wbSS", "silu"),
     ((1, 16, 33, 70), 2, "contiguous", "centred", "wbss", "silu"),
     # More channels per group than one CUDA tile takes (512): the group is split over channels.
     ((2, 640, 2, 2), 1, "contiguous", "shifted", "wbss", "silu"),
@@ -50,8 +52,10 @@ def make_args(case, dtype, device, seed=0):
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, pdtype)  # noqa: E731
     w = 1 + 0.3 * rand(c) if "wb" in params else None
     b = 0.3 * rand(c) if "wb" in params else None
-    scale = 0.5 * rand(n, c).to(dtype if dtype != torch.float64 else pdtype) if "ss" in params else None
-    shift = 0.5 * rand(n, c).to(dtype if dtype != torch.float64 else pdtype) if "ss" in params else None
+    scale = shift = None
+    if "ss" in params.lower():
+        emb = 0.5 * rand(n, 2 * c).to(dtype if dtype != torch.float64 else pdtype)
+        scale, shift = emb.chunk(2, dim=1) if "ss" in params else (emb[:, :c].contiguous(), emb[:, c:].contiguous())
     return x, w, b, groups, 1e-5, scale, shift, act
 
 

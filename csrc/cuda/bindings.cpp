@@ -107,16 +107,17 @@ bool coef_dtype(at::ScalarType st, DType* out) {
   }
 }
 
-// The CoefView of `t` (1-D with any stride, or contiguous and indexed flat). Dtypes the kernels do
-// not read are converted to float32 into `keep` (which must outlive the launch).
+// The CoefView of `t`, 1-D or 2-D ((N, C)), with its strides. Dtypes the kernels do not read are
+// converted to float32 into `keep` (which must outlive the launch).
 CoefView coef_view(at::Tensor t, at::Tensor& keep) {
   CoefView v;
   if (!coef_dtype(t.scalar_type(), &v.dtype)) {
-    keep = t = t.to(at::kFloat).contiguous();
+    keep = t = t.to(at::kFloat);
     v.dtype = DType::kFloat32;
   }
   v.data = t.data_ptr();
-  v.stride = t.dim() == 1 ? t.stride(0) : 1;
+  v.stride = t.stride(t.dim() - 1);
+  v.row_stride = t.dim() == 2 ? t.stride(0) : 0;
   return v;
 }
 
@@ -387,9 +388,10 @@ GNTensor gn_view(const at::Tensor& t) {
   return v;
 }
 
-// An optional small input (weight, bias: (C,); scale, shift: (N, C)), any floating dtype, read by
-// the kernels in its own dtype where they can (no cast kernel per call); `keep` holds a contiguous
-// or float32 copy where one is needed and must outlive the launch. data == nullptr: not given.
+// An optional small input (weight, bias: (C,); scale, shift: (N, C)), any floating dtype and strides,
+// read by the kernels in its own dtype and strides where they can (no copy kernel per call, as
+// ADM's scale and shift, halves of one projection, would need); `keep` holds a float32 copy where
+// one is needed and must outlive the launch. data == nullptr: not given.
 CoefView gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const std::vector<int64_t>& shape,
                   const char* op, const char* name, at::Tensor& keep) {
   if (!t.has_value() || !t->defined()) return CoefView();
@@ -397,8 +399,7 @@ CoefView gn_small(const std::optional<at::Tensor>& t, const at::Tensor& x, const
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating point, got ", t->scalar_type());
   TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
               ", got ", t->sizes());
-  keep = t->contiguous();
-  return coef_view(keep, keep);
+  return coef_view(*t, keep);
 }
 
 // The four small inputs of a call (weight, bias: (C,); scale, shift: (N, C)) into p's views (see
@@ -516,9 +517,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   // Parameter gradients in each parameter's dtype (an empty tensor where it was not given).
   at::Tensor grads[4], buffers[4];
   const std::optional<at::Tensor>* params[4] = {&weight, &bias, &scale, &shift};
+  bool given[4];
   CoefOut* outs[4] = {&p.grad_weight, &p.grad_bias, &p.grad_scale, &p.grad_shift};
   for (int i = 0; i < 4; ++i) {
-    if (keep[i].defined()) *outs[i] = make_coef_out(**params[i], (*params[i])->sizes(), grads[i], buffers[i]);
+    given[i] = params[i]->has_value() && (*params[i])->defined();
+    if (given[i]) *outs[i] = make_coef_out(**params[i], (*params[i])->sizes(), grads[i], buffers[i]);
   }
   const int64_t ws_floats = adv_dpm_cuda::group_norm_act_backward_workspace_floats(p);
   at::Tensor workspace;
@@ -530,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   C10_CUDA_CHECK(adv_dpm_cuda::launch_group_norm_act_backward(p, current_stream()));
   if (!gxw.is_same(grad_x)) grad_x.copy_(gxw);
   for (int i = 0; i < 4; ++i) {
-    if (keep[i].defined()) {
+    if (given[i]) {
       finish_coef_out(**params[i], grads[i], buffers[i]);
     } else {
       grads[i] = at::empty({0}, x.options());

@@ -125,8 +125,8 @@ __device__ __forceinline__ void store(void* base, int64_t off, const float (&in)
 
 // ---------------------------------------------------------------------------------------------
 // Coefficients.
-__device__ __forceinline__ float load_coef(const CoefView& c, int64_t b) {
-  const int64_t i = b * c.stride;
+// Element i of c's storage (an offset in elements), in fp32.
+__device__ __forceinline__ float load_coef_at(const CoefView& c, int64_t i) {
   switch (c.dtype) {
     case DType::kFloat16: return __half2float(__ushort_as_half(__ldg(static_cast<const uint16_t*>(c.data) + i)));
     case DType::kBFloat16:
@@ -136,6 +136,9 @@ __device__ __forceinline__ float load_coef(const CoefView& c, int64_t b) {
     default: return __ldg(static_cast<const float*>(c.data) + i);
   }
 }
+
+// Element b of a coefficient vector.
+__device__ __forceinline__ float load_coef(const CoefView& c, int64_t b) { return load_coef_at(c, b * c.stride); }
 
 __device__ __forceinline__ void store_coef(const CoefOut& c, int64_t b, float v) {
   switch (c.dtype) {

@@ -171,18 +171,23 @@ struct alignas(16) ChanCoef {
   float w, b, wk, bks;
 };
 
-// A small input (weight, bias, scale, shift) at flat index i, in fp32; `absent` where not given.
-__device__ __forceinline__ float small_at(const CoefView& t, int64_t i, float absent) {
-  return t.data != nullptr ? load_coef(t, i) : absent;
+// weight or bias of channel c, in fp32; `absent` where not given.
+__device__ __forceinline__ float channel_at(const CoefView& t, int64_t c, float absent) {
+  return t.data != nullptr ? load_coef(t, c) : absent;
+}
+
+// scale or shift of sample n, channel c, in fp32; `absent` where not given.
+__device__ __forceinline__ float sample_channel_at(const CoefView& t, int64_t n, int64_t c, float absent) {
+  return t.data != nullptr ? load_coef_at(t, n * t.row_stride + c * t.stride) : absent;
 }
 
 __device__ __forceinline__ ChanCoef chan_coef(const CoefView& weight, const CoefView& bias, const CoefView& scale,
-                                              const CoefView& shift, int64_t nc, int64_t c) {
+                                              const CoefView& shift, int64_t n, int64_t c) {
   ChanCoef r;
-  r.w = small_at(weight, c, 1.f);
-  r.b = small_at(bias, c, 0.f);
-  const float k = 1.f + small_at(scale, nc, 0.f);
-  const float s = small_at(shift, nc, 0.f);
+  r.w = channel_at(weight, c, 1.f);
+  r.b = channel_at(bias, c, 0.f);
+  const float k = 1.f + sample_channel_at(scale, n, c, 0.f);
+  const float s = sample_channel_at(shift, n, c, 0.f);
   r.wk = r.w * k;
   r.bks = fmaf(r.b, k, s);
   return r;
@@ -270,7 +275,7 @@ template <typename Params>
 __device__ __forceinline__ void load_tile_coefs(ChanCoef* table, const Params& p, const TileCoord& t, int64_t C) {
   for (uint32_t l = threadIdx.x; l < t.Dt; l += blockDim.x) {
     const int64_t c = t.c0 + l;
-    table[l] = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n * C + c, c);
+    table[l] = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n, c);
   }
 }
 
@@ -419,7 +424,7 @@ __global__ void __launch_bounds__(kFinalizeThreads, 4)
   const int64_t D = static_cast<uint32_t>(p.C) / static_cast<uint32_t>(p.G);
   for (int64_t cl = lane; cl < D; cl += 32) {
     const int64_t c = g * D + cl, nc = n * p.C + c;
-    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, nc, c);
+    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, n, c);
     reinterpret_cast<float4*>(w.table)[nc] = make_float4(mean, rstd * cf.wk, cf.bks, 0.f);
   }
 }
@@ -606,7 +611,7 @@ __global__ void __launch_bounds__(kFinalizeThreads, 4)
       s1 += part[k * 2];
       s2 += part[k * 2 + 1];
     }
-    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, nc, c);
+    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, n, c);
     write_channel_grads(p, w, nc, cf, s1, s2);
     a = fmaf(cf.wk, s1, a);
     b = fmaf(cf.wk, s2, b);
@@ -619,7 +624,7 @@ __global__ void __launch_bounds__(kFinalizeThreads, 4)
   const float rA = rstd * __fdividef(a, M), rB = rstd * __fdividef(b, M);
   for (int64_t cl = lane; cl < D; cl += 32) {
     const int64_t c = g * D + cl, nc = n * p.C + c;
-    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, nc, c);
+    const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, n, c);
     float4* tb = reinterpret_cast<float4*>(w.table) + nc * 2;
     tb[0] = make_float4(mean, rstd, cf.wk, cf.bks);
     tb[1] = make_float4(rstd * cf.wk, rA, rB, 0.f);
@@ -637,7 +642,7 @@ __global__ void __launch_bounds__(kParamThreads, 2) gn_bwd_params_kernel(const G
   if (c < p.C) {
     for (int64_t n = slice; n < p.N; n += kSlices) {
       const int64_t nc = n * p.C + c;
-      const float k = 1.f + small_at(p.scale, nc, 0.f);
+      const float k = 1.f + sample_channel_at(p.scale, n, c, 0.f);
       gb = fmaf(k, w.S[nc * 2], gb);
       gw = fmaf(k, w.S[nc * 2 + 1], gw);
     }
@@ -813,7 +818,7 @@ __global__ void __launch_bounds__(kNhwcThreads, 2)
         const int64_t ngi = b.n * ng.G + static_cast<uint32_t>(c) / static_cast<uint32_t>(ng.D);
         mean[e] = __ldg(p.mean + ngi);
         rstd[e] = __ldg(p.rstd + ngi);
-        const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, b.n * ng.C + c, c);
+        const ChanCoef cf = chan_coef(p.weight, p.bias, p.scale, p.shift, b.n, c);
         wk[e] = cf.wk;
         bks[e] = cf.bks;
         a1[e] = a2[e] = 0.f;

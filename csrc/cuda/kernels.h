@@ -41,11 +41,13 @@ struct View {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
-// A 1-D coefficient vector (per sample; group_norm_act: per channel or (n, c) flattened), any
-// stride (elements), fp32/fp64/fp16/bf16.
+// A small input in fp32/fp64/fp16/bf16, any strides (elements): a vector (per sample; group_norm_act:
+// per channel), element i at i * stride, or group_norm_act's (N, C) scale / shift, element (n, c) at
+// n * row_stride + c * stride (ADM's are the two halves of one (N, 2C) projection: row_stride 2C).
 struct CoefView {
   const void* data = nullptr;
   int64_t stride = 1;
+  int64_t row_stride = 0;
   DType dtype = DType::kFloat32;
 };
 
