@@ -25,6 +25,18 @@ TARGET_PROGRAMS = 4 * 132
 MIN_BLOCK, MAX_BLOCK = 128, 4096
 
 
+def np2(n) -> int:
+    """The smallest power of two >= max(n, 1). Plain Python: the launchers run on every call, and
+    triton.next_power_of_2 (a constexpr function) costs microseconds each."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a, b) -> int:
+    """ceil(a / b) for integers (triton.cdiv, without its per-call cost)."""
+    return -(-int(a) // int(b))
+
+
 def sizes4(t: torch.Tensor):
     """(B, s1, s2, s3): t's shape, padded after the batch dimension with ones to rank 4."""
     return (t.shape[0],) + (1,) * (4 - t.dim()) + tuple(t.shape[1:])
@@ -59,9 +71,11 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def fast_path(*tensors) -> bool:
-    """True when every tensor is dense, batch outermost, with the strides of the first."""
+    """True when every tensor is dense, batch outermost, with the strides of the first (the
+    tensors have one shape, so the others are dense when the first is)."""
     first = tensors[0]
-    return all(_dense_batch_outer(t) and _same_strides(first, t) for t in tensors)
+    strides = first.stride()
+    return _dense_batch_outer(first) and all(t.stride() == strides or _same_strides(first, t) for t in tensors[1:])
 
 
 def stride_args(*tensors):
@@ -75,10 +89,10 @@ def tiling(batch: int, n: int):
     BLOCK is a power of two in [128, 4096], no larger than needed for one sample, and the
     largest that still gives about TARGET_PROGRAMS programs; NB = cdiv(n, BLOCK) >= 1.
     """
-    block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(max(n, 1))))
-    while block > MIN_BLOCK and batch * triton.cdiv(n, block) < TARGET_PROGRAMS:
+    block = min(MAX_BLOCK, max(MIN_BLOCK, np2(n)))
+    while block > MIN_BLOCK and batch * cdiv(n, block) < TARGET_PROGRAMS:
         block //= 2
-    nb = max(1, triton.cdiv(n, block))
+    nb = max(1, cdiv(n, block))
     if batch * nb > MAX_PROGRAMS:
         raise ValueError(f"adv_dpm Triton kernels: {batch} x {nb} blocks exceed the grid limit")
     # 8 fp32 elements (2 x 16-byte accesses) per thread up to 2048, 16 at 4096.

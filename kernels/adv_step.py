@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MIN_BLOCK, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, offset, split,
-                      store, stride_args, tile, tiling)
+from ._common import (MIN_BLOCK, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, np2, offset,
+                      split, store, stride_args, tile, tiling)
 
 GRAD_NORM_FLOOR = tl.constexpr(1e-8)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest float32: x <= FLT_MAX is isfinite for x >= 0
@@ -245,7 +245,7 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     outputs = (new_delta, xa, tg, grad_norm, delta_norm, skipped.view(torch.int8))
     with device_guard(delta):
         if n <= SAMPLE_MAX and fast_path(*apply_tensors):
-            block = min(SAMPLE_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(n)))
+            block = min(SAMPLE_BLOCK, max(MIN_BLOCK, np2(n)))
             _adv_sample_kernel[(batch,)](delta, grad, gt, xt, e, cn32, *outputs, *scalars, n, **flags,
                                          BLOCK=block, num_warps=max(1, min(16, block // 512)))
         else:
@@ -260,5 +260,5 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
                 delta, grad, gt, xt, e, cn32, part, *outputs, *scalars,
                 batch, n, nb, s2, s3, *stride_args(delta, grad, gt, xt, e, new_delta, xa, tg), **flags,
                 FAST=fast_path(*apply_tensors), I64=i64, BLOCK=block,
-                CHUNK=min(PART_CHUNK, triton.next_power_of_2(nb)), num_warps=warps)
+                CHUNK=min(PART_CHUNK, np2(nb)), num_warps=warps)
     return new_delta, x_adv, target, grad_norm, delta_norm, skipped

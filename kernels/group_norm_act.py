@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INT32_MAX, TARGET_PROGRAMS, device_guard, store
+from ._common import INT32_MAX, TARGET_PROGRAMS, cdiv, device_guard, np2, store
 
 # Plan sizes (module globals, read at every call: tests shrink them to force a plan, and
 # benches/tune_group_norm.py times alternatives on a GPU).
@@ -591,14 +591,6 @@ def _gn_bwd_dx_kernel(gy_ptr, x_ptr, gx_ptr, mean_ptr, rstd_ptr, ab_ptr, w_ptr, 
 # ----------------------------------------------------------------------------------------------
 # Host side: views, plans, launchers
 # ----------------------------------------------------------------------------------------------
-def _np2(v):
-    return triton.next_power_of_2(max(int(v), 1))
-
-
-def _cdiv(a, b):
-    return -(-int(a) // int(b))
-
-
 def _view3(t):
     """(sN, sC, sHW) of t viewed as (N, C, HW), or None when its spatial dims do not collapse.
 
@@ -649,22 +641,22 @@ def _chunking(rows, nt, max_chunks):
     """(TPC, NCHUNK): tiles per chunk (a power of two) and chunks, so that the chunks are at most
     max_chunks and there are at least about SPLIT_PROGRAMS (rows * NCHUNK) programs."""
     tpc = 1
-    while _cdiv(nt, tpc) > max_chunks:
+    while cdiv(nt, tpc) > max_chunks:
         tpc *= 2
-    while tpc < nt and rows * _cdiv(nt, 2 * tpc) >= SPLIT_PROGRAMS:
+    while tpc < nt and rows * cdiv(nt, 2 * tpc) >= SPLIT_PROGRAMS:
         tpc *= 2
-    return tpc, _cdiv(nt, tpc)
+    return tpc, cdiv(nt, tpc)
 
 
 def _group_plan(N, C, G, HW, channels_inner, group_bytes):
     """The plan of a call and its group tile: (plan, GB, CGP, BHW, NT)."""
     cg = C // G
-    cgp, hwp = _np2(cg), _np2(HW)
-    gp = _np2(G)
+    cgp, hwp = np2(cg), np2(HW)
+    gp = np2(G)
     forced = FORCE_PLAN
     if (forced in (None, ONE)) and cgp * hwp <= FUSED_MAX:
         gb = 1
-        while 2 * gb <= gp and 2 * gb * cgp * hwp <= FUSED_TILE and N * _cdiv(G, 2 * gb) >= TARGET_PROGRAMS:
+        while 2 * gb <= gp and 2 * gb * cgp * hwp <= FUSED_TILE and N * cdiv(G, 2 * gb) >= TARGET_PROGRAMS:
             gb *= 2
         return ONE, gb, cgp, hwp, 1
     gb = 1
@@ -674,26 +666,26 @@ def _group_plan(N, C, G, HW, channels_inner, group_bytes):
     looped = forced == LOOPED or (forced is None and N * G >= TARGET_PROGRAMS
                                   and group_bytes <= LOOP_MAX_BYTES)
     if looped:
-        while gb > 1 and N * _cdiv(G, gb) < TARGET_PROGRAMS:
+        while gb > 1 and N * cdiv(G, gb) < TARGET_PROGRAMS:
             gb //= 2
     bhw = min(hwp, max(1, TILE // (gb * cgp)))
     if not looped:  # smaller tiles when a small batch would not give enough programs
-        while bhw > 1 and gb * cgp * bhw > MIN_TILE and N * _cdiv(G, gb) * _cdiv(HW, bhw) < SPLIT_PROGRAMS:
+        while bhw > 1 and gb * cgp * bhw > MIN_TILE and N * cdiv(G, gb) * cdiv(HW, bhw) < SPLIT_PROGRAMS:
             bhw //= 2
-    return (LOOPED if looped else SPLIT), gb, cgp, bhw, _cdiv(HW, bhw)
+    return (LOOPED if looped else SPLIT), gb, cgp, bhw, cdiv(HW, bhw)
 
 
 def _flat_plan(N, C, HW, channels_inner):
     """(BC, BHW) of the per-channel SPLIT backward kernels."""
     if channels_inner:
-        bc = min(_np2(C), CL_CHANNELS)
-        while bc > 16 and (_cdiv(C, bc) * bc - C) * 8 > C:  # at most 1/8 of the lanes idle
+        bc = min(np2(C), CL_CHANNELS)
+        while bc > 16 and (cdiv(C, bc) * bc - C) * 8 > C:  # at most 1/8 of the lanes idle
             bc //= 2
-        bhw = min(_np2(HW), max(1, TILE // bc))
+        bhw = min(np2(HW), max(1, TILE // bc))
     else:
-        bhw = min(_np2(HW), TILE)
-        bc = min(_np2(C), max(1, TILE // bhw))
-    while bc * bhw > MIN_TILE and N * _cdiv(C, bc) * _cdiv(HW, bhw) < SPLIT_PROGRAMS:
+        bhw = min(np2(HW), TILE)
+        bc = min(np2(C), max(1, TILE // bhw))
+    while bc * bhw > MIN_TILE and N * cdiv(C, bc) * cdiv(HW, bhw) < SPLIT_PROGRAMS:
         if bhw > 1 and (bc == 1 or not channels_inner):
             bhw //= 2
         else:
@@ -702,17 +694,13 @@ def _flat_plan(N, C, HW, channels_inner):
 
 
 def _params(x, weight, bias, scale, shift):
-    """Pointers (x stands in for an absent one), strides and HAS_* flags of the parameters."""
-    N, C = x.shape[:2]
-    w = weight.reshape(C) if weight is not None else None
-    b = bias.reshape(C) if bias is not None else None
-    sc = scale.reshape(N, C) if scale is not None else None
-    sh = shift.reshape(N, C) if shift is not None else None
+    """Pointers (x stands in for an absent one), strides and HAS_* flags of the parameters
+    (weight, bias (C,); scale, shift (N, C): the op checked their shapes)."""
+    w, b, sc, sh = weight, bias, scale, shift
     ptrs = [w if w is not None else x, b if b is not None else x,
             sc if sc is not None else x, sh if sh is not None else x]
     strides = [w.stride(0) if w is not None else 0, b.stride(0) if b is not None else 0,
-               sc.stride(0) if sc is not None else 0, sc.stride(1) if sc is not None else 0,
-               sh.stride(0) if sh is not None else 0, sh.stride(1) if sh is not None else 0]
+               *(sc.stride() if sc is not None else (0, 0)), *(sh.stride() if sh is not None else (0, 0))]
     flags = dict(HAS_W=w is not None, HAS_B=b is not None, HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None)
     return ptrs, strides, flags
 
@@ -739,7 +727,7 @@ def group_norm_act(x, weight, bias, scale, shift, num_groups, eps, act):
     ptrs, pstrides, pflags = _params(x, weight, bias, scale, shift)
     channels_inner = xv[1] == 1 and xv[2] != 1
     plan, gb, cgp, bhw, nt = _group_plan(N, C, G, HW, channels_inner, cg * HW * x.element_size())
-    ngb = _cdiv(G, gb)
+    ngb = cdiv(G, gb)
     common = dict(CG=cg, GB=gb, CGP=cgp, BHW=bhw, UNIT_C=unit_c, UNIT_HW=unit_hw, I64=i64)
     act_flags = dict(ACT=bool(act), **pflags)
     eps, cnt = float(eps), float(cg * HW)
@@ -750,7 +738,7 @@ def group_norm_act(x, weight, bias, scale, shift, num_groups, eps, act):
                 ONE_TILE=plan == ONE, **common, **act_flags, num_warps=_warps(gb * cgp * bhw))
         else:
             tpc, nchunk = _chunking(N * ngb, nt, MAX_CHUNKS)
-            ncp = _np2(nchunk)
+            ncp = np2(nchunk)
             combine_in_apply = gb * ncp <= COMBINE_IN_APPLY
             part = torch.empty((2, N, G, nchunk), dtype=torch.float32, device=x.device)
             warps = _warps(gb * cgp * bhw)
@@ -759,8 +747,8 @@ def group_norm_act(x, weight, bias, scale, shift, num_groups, eps, act):
                 x, part, G, HW, ngb, nt, nchunk, tpc, pstride, *xv,
                 GB_FAST=channels_inner, **common, num_warps=warps)
             if not combine_in_apply:
-                rb = max(1, min(_np2(N * G), REDUCE_TILE // ncp))
-                _gn_fwd_combine_kernel[(_cdiv(N * G, rb),)](
+                rb = max(1, min(np2(N * G), REDUCE_TILE // ncp))
+                _gn_fwd_combine_kernel[(cdiv(N * G, rb),)](
                     part, mean, rstd, N * G, HW, nchunk, chunk_hw, pstride, cnt, eps,
                     CG=cg, RB=rb, NCP=ncp, num_warps=4)
             _gn_fwd_apply_kernel[(N * ngb * nt,)](
@@ -810,7 +798,7 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
         if plan in (ONE, LOOPED):
             nchunk = 1
             part = torch.empty((2, N, C, 1) if need_params else (2,), dtype=torch.float32, device=x.device)
-            ngb = _cdiv(G, gb)
+            ngb = cdiv(G, gb)
             _gn_bwd_fused_kernel[(N * ngb,)](
                 grad_y, x, gxk, mean, rstd, *ptrs, part, C, G, HW, ngb, nt, cnt, N * C,
                 *gyv, *xv, *gxv, *pstrides, CG=cg, GB=gb, CGP=cgp, BHW=bhw, ONE_TILE=plan == ONE,
@@ -818,7 +806,7 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
             ab = part  # not written
         else:
             bc, bhw = _flat_plan(N, C, HW, channels_inner)
-            ncb, nt = _cdiv(C, bc), _cdiv(HW, bhw)
+            ncb, nt = cdiv(C, bc), cdiv(HW, bhw)
             tpc, nchunk = _chunking(N * ncb, nt, MAX_CHUNKS)
             part = torch.empty((2, N, C, nchunk), dtype=torch.float32, device=x.device)
             ab = torch.empty((2, N, G), dtype=torch.float32, device=x.device)
@@ -828,8 +816,8 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
                 *gyv, *xv, *pstrides, CG=cg, BC=bc, BHW=bhw, CB_FAST=channels_inner, **flags,
                 num_warps=warps)
         if need_params or plan == SPLIT:
-            ncp = min(_np2(nchunk), max(1, REDUCE_TILE // cgp))
-            bn = min(_np2(N), max(1, REDUCE_TILE // (cgp * ncp)))
+            ncp = min(np2(nchunk), max(1, REDUCE_TILE // cgp))
+            bn = min(np2(N), max(1, REDUCE_TILE // (cgp * ncp)))
             _gn_bwd_reduce_kernel[(G,)](
                 part, *param_ptrs, gw if weight is not None else part, gbias if bias is not None else part,
                 gsc if scale is not None else part, gsh if shift is not None else part, ab,

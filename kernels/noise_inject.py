@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (coef32, device_guard, fast_path, geometry, index_is_64bit, load32, offset, split, store,
-                      stride_args, tile, tiling)
+from ._common import (cdiv, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, np2, offset, split,
+                      store, stride_args, tile, tiling)
 
 ORIGINAL, DELTA_DETACH, DELTA = 0, 1, 2
 
@@ -191,8 +191,8 @@ def noise_inject_backward(grad_x_t, grad_target, x0, eps, c_signal, c_noise, del
             HAS_DELTA=has_delta, MODE=mode, COEF=coef_grads, FAST=fast_path(*touched),
             I64=index_is_64bit(n), BLOCK=block, num_warps=warps)
         if coef_grads:
-            rows = min(32, triton.next_power_of_2(batch))
-            cols = min(128, triton.next_power_of_2(nb))
-            _coef_grads_kernel[(triton.cdiv(batch, rows),)](
+            rows = min(32, np2(batch))
+            cols = min(128, np2(nb))
+            _coef_grads_kernel[(cdiv(batch, rows),)](
                 part, cn32, grad_cs, grad_cn, batch, nb, DELTA_TERM=delta_term, ROWS=rows, COLS=cols)
     return grad_x0, grad_eps, grad_delta, grad_cs, grad_cn

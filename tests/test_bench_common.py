@@ -1,6 +1,9 @@
 """benches/common.py's GPU kernel breakdown, benches/bench_kernels.py and benches/tune_group_norm.py
 (the profiling and the timings themselves need a GPU)."""
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -128,3 +131,18 @@ def test_the_tuning_table_times_each_distinct_plan_and_keeps_going_past_a_failur
     for name, (y, _) in outputs.items():
         torch.testing.assert_close(y.double(), expected, atol=0.05, rtol=0.02, msg=name)
     assert tune_group_norm.best(rows)[0] == ("2x64x4x4 nchw fwd", "fewer warps", pytest.approx(0.625), pytest.approx(1.25))
+
+
+def test_the_launcher_benchmark_times_every_triton_launcher_without_a_gpu(tmp_path):
+    """bench_launchers runs as a script (real Triton JIT functions, not the interpreter, whose
+    launch the script replaces) and leaves a row per launcher with its kernels counted."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benches" / "bench_launchers.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("bench_launchers-*.json")).read_text())["rows"]
+    ops = {r["op"] for r in rows}
+    assert ops == {"group_norm_act", "group_norm_act_backward", "noise_inject", "noise_inject_backward",
+                   "adv_step", "adv_step_inject"}
+    assert all(r["launches"] >= 1 and r["us"] > 0 for r in rows)
