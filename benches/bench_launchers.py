@@ -49,21 +49,25 @@ def calls():
     return out
 
 
-def fill(rows, min_run_time=0.2):
+def fill(rows, min_run_time=0.5):
+    """Every launcher timed side by side in alternating rounds (common.compare), ``min_run_time``
+    seconds each."""
     from triton.runtime.jit import JITFunction
     launched = []
     real_run = JITFunction.run
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launched.append(self)
     try:
-        for (op, shape, layout), call in calls().items():
+        cases, counts = calls(), {}
+        for key, call in cases.items():
             launched.clear()
             call()
-            row = dict(op=op, shape=shape, layout=layout, launches=len(launched),
-                       us=common.median_seconds(call, min_run_time) * 1e6)
-            rows.append(row)
-            common.print_rows([row], COLUMNS)
+            counts[key] = len(launched)
+        times = common.compare(cases, "cpu", min_run_time)
     finally:
         JITFunction.run = real_run
+    for (op, shape, layout), t in times.items():
+        rows.append(dict(op=op, shape=shape, layout=layout, launches=counts[(op, shape, layout)], us=t["us"]))
+    common.print_rows(rows, COLUMNS)
 
 
 def main(argv=None):
