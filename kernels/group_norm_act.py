@@ -150,13 +150,22 @@ def _channel_params(w_ptr, b_ptr, sc_ptr, sh_ptr, n, c, cm, w_s, b_s, sc_sN, sc_
 
 
 @triton.jit
+def _group_sum(t):
+    """Per-group sums (axis 0) of a (GB, CGP, BHW) tile, in one reduction: each thread first adds
+    the elements it holds, whichever axes they lie on (nested sums over one axis and then the other
+    move GB x CGP partial sums between threads when channels are the thread-local axis)."""
+    GB: tl.constexpr = t.shape[0]
+    return tl.sum(tl.reshape(t, (GB, t.shape[1] * t.shape[2]), can_reorder=True), axis=1)
+
+
+@triton.jit
 def _tile_moments(x, m, cnt):
     """(mean, M2) per group (axis 0) of a masked (GB, CGP, BHW) fp32 tile of cnt valid elements
     per group: two-pass with the correction term."""
-    mean = tl.sum(tl.sum(x, axis=2), axis=1) / cnt
+    mean = _group_sum(x) / cnt
     d = tl.where(m, x - mean[:, None, None], 0.0)
-    sd = tl.sum(tl.sum(d, axis=2), axis=1)
-    m2 = tl.sum(tl.sum(d * d, axis=2), axis=1) - sd * sd / cnt
+    sd = _group_sum(d)
+    m2 = _group_sum(d * d) - sd * sd / cnt
     return mean + sd / cnt, tl.maximum(m2, 0.0)
 
 
