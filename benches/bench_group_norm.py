@@ -123,13 +123,11 @@ def main(argv=None):
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32" if args.device == "cpu" else "bfloat16")).split(",")]
     shapes = (CPU_SHAPES if args.device == "cpu" else GPU_SHAPES)[:1 if args.quick else None]
     meta = common.machine(args.device)
-    print(f"# group_norm_act on {meta['device']} (torch {meta['torch']}), {GROUPS} groups, scale/shift + SiLU\n")
-    columns = common.device_columns(COLUMNS, args.device)
-    print(common.markdown_table([], columns))
     min_run_time = 0.5 if args.device == "cpu" else 0.1
-    rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
-    path = common.save("bench_group_norm" + ("-quick" if args.quick else ""), meta, rows, columns, args.out)
-    print(f"\nresults: {path} (and .json)")
+    common.run_table("bench_group_norm" + ("-quick" if args.quick else ""),
+                     f"group_norm_act on {meta['device']} (torch {meta['torch']}), {GROUPS} groups, scale/shift + SiLU",
+                     lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta,
+                     common.device_columns(COLUMNS, args.device), args.out)
 
 
 if __name__ == "__main__":

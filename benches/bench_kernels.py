@@ -8,7 +8,6 @@ each op of bench_ops at its ImageNet-64 and CIFAR-10 batches in fp32. The timing
 say how fast each backend is; this says how many kernels each one runs and which takes the
 time. It runs in its own process, which captures no CUDA graph (see common.kernel_breakdown).
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -59,17 +58,10 @@ def fill(rows, device="cuda"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(common.RESULTS), help="results folder")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("the kernel breakdown needs a CUDA device (torch.cuda.is_available() is False)")
+    args = common.out_args(__doc__, argv, needs_cuda="the kernel breakdown")
     meta = common.machine("cuda")
-    print(f"# GPU kernels per call on {meta['device']} (torch {meta['torch']})\n")
-    print(common.markdown_table([], COLUMNS))
-    rows = common.measure(fill, meta)
-    path = common.save("bench_kernels", meta, rows, COLUMNS, args.out)
-    print(f"\nresults: {path} (and .json)")
+    common.run_table("bench_kernels", f"GPU kernels per call on {meta['device']} (torch {meta['torch']})", fill, meta,
+                     COLUMNS, args.out)
 
 
 if __name__ == "__main__":

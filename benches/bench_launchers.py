@@ -8,7 +8,6 @@ launcher runs on CPU tensors of the GPU benchmarks' shapes with Triton's own lau
 a counter: the figure is our Python (plans, strides, output allocation), to which a real call
 adds Triton's launch of each kernel counted.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -71,16 +70,11 @@ def fill(rows, min_run_time=0.5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(common.RESULTS), help="results folder")
-    args = parser.parse_args(argv)
+    args = common.out_args(__doc__, argv)
     torch.set_num_threads(1)
     meta = common.machine("cpu")
-    print(f"# host time of the Triton launchers on {meta['device']} (torch {meta['torch']})\n")
-    print(common.markdown_table([], COLUMNS))
-    rows = common.measure(fill, meta)
-    path = common.save("bench_launchers", meta, rows, COLUMNS, args.out)
-    print(f"\nresults: {path} (and .json)")
+    common.run_table("bench_launchers", f"host time of the Triton launchers on {meta['device']} "
+                     f"(torch {meta['torch']})", fill, meta, COLUMNS, args.out)
 
 
 if __name__ == "__main__":

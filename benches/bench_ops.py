@@ -121,14 +121,12 @@ def main(argv=None):
     dtypes = [getattr(torch, d) for d in dtypes.split(",")]
     shapes = ["cifar10"] if args.quick else list(SHAPES)
     meta = common.machine(args.device)
-    print(f"# fused ops on {meta['device']} (torch {meta['torch']}); medians of repeated runs\n")
-    columns = common.device_columns(COLUMNS, args.device)
-    print(common.markdown_table([], columns))
     # CUDA launches are microseconds: a short run already holds thousands of them.
     min_run_time = 0.1 if args.device == "cuda" else 0.3 if args.quick else 1.0
-    rows = common.measure(lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta)
-    path = common.save("bench_ops" + ("-quick" if args.quick else ""), meta, rows, columns, args.out)
-    print(f"\nresults: {path} (and .json)")
+    common.run_table("bench_ops" + ("-quick" if args.quick else ""),
+                     f"fused ops on {meta['device']} (torch {meta['torch']}); medians of repeated runs",
+                     lambda rows: bench(rows, shapes, dtypes, args.device, min_run_time), meta,
+                     common.device_columns(COLUMNS, args.device), args.out)
 
 
 if __name__ == "__main__":

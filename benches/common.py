@@ -22,6 +22,7 @@ if (os.cpu_count() or 1) <= 4:
 # steps were measured here); passive waiting keeps the providers independent.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
@@ -269,6 +270,28 @@ def measure(fill, meta):
     except KeyboardInterrupt:
         meta["partial"] = True
         print("\ninterrupted: keeping the rows measured so far", flush=True)
+    return rows
+
+
+def out_args(doc, argv, needs_cuda=None):
+    """The arguments (--out) of a benchmark whose options are the results folder alone;
+    ``needs_cuda``: what needs a CUDA device, an error without one."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = parser.parse_args(argv)
+    if needs_cuda and not torch.cuda.is_available():
+        parser.error(f"{needs_cuda} needs a CUDA device (torch.cuda.is_available() is False)")
+    return args
+
+
+def run_table(name, title, fill, meta, columns, out_dir=RESULTS):
+    """A benchmark's whole run: prints ``title`` and the table's header, measures the rows that
+    ``fill(rows)`` appends (and prints), saves them (``save``); returns the rows."""
+    print(f"# {title}\n")
+    print(markdown_table([], columns))
+    rows = measure(fill, meta)
+    path = save(name, meta, rows, columns, out_dir)
+    print(f"\nresults: {path} (and .json)")
     return rows
 
 

@@ -9,7 +9,6 @@ in bf16 at the largest ADM shapes, NCHW and channels_last (GPU time alone, from 
 The table says which defaults to change; nothing changes by itself. The cases the bf16 target
 is judged on come first: the GPU check's time limit may stop the run before the end.
 """
-import argparse
 import contextlib
 import functools
 import sys
@@ -138,20 +137,13 @@ def best(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(common.RESULTS), help="results folder")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("the tuning runs the Triton kernels on a CUDA device (torch.cuda.is_available() is False)")
+    args = common.out_args(__doc__, argv, needs_cuda="the tuning (Triton kernels on the GPU)")
     meta = common.machine("cuda")
-    print(f"# Triton group_norm_act plan sizes on {meta['device']} (torch {meta['torch']}), bf16\n")
-    print(common.markdown_table([], COLUMNS))
-    rows = common.measure(fill, meta)
+    rows = common.run_table("tune_group_norm", f"Triton group_norm_act plan sizes on {meta['device']} "
+                            f"(torch {meta['torch']}), bf16", fill, meta, COLUMNS, args.out)
     print("\nfastest per case:")
     for key, name, of_copy, vs_default in best(rows):
         print(f"  {key}: {name}, {of_copy:.0%} of copy" + ("" if vs_default is None else f", {vs_default:.2f}x default"))
-    path = common.save("tune_group_norm", meta, rows, COLUMNS, args.out)
-    print(f"\nresults: {path} (and .json)")
 
 
 if __name__ == "__main__":
