@@ -491,7 +491,9 @@ class Trainer:
         self.timesteps.update(t, losses)
 
     def train_batch(self):
-        """K replays of one batch (one for standard and DDPM-IP); returns the last replay's mean loss."""
+        """K replays of one batch (one for standard and DDPM-IP). Returns the last replay's mean loss
+        and the count of samples whose ascent was skipped, as tensors on the device: reading them
+        waits for the GPU, which the training loop does only at its log interval."""
         micro = self._micro_batches()
         t = torch.cat([m["t"] for m in micro])
         replays = self.cfg.replays
@@ -504,7 +506,7 @@ class Trainer:
                 self._optimizer_step(grad_scale)
             if k < replays - 1:
                 self._update_perturbations(micro, grad_scale)
-        return losses.mean().item(), int(sum(m["perturbation"].skipped for m in micro))
+        return losses.mean(), sum(m["perturbation"].skipped for m in micro)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self):
@@ -534,10 +536,11 @@ class Trainer:
                 window.append(loss)
                 updates_in_window += self.step - before
                 bar.update(self.step - before)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if crossed(cfg.log_interval, before):
+                if crossed(cfg.log_interval, before):   # reading the losses waits for the GPU: only here
                     elapsed = time.perf_counter() - start
-                    self._write_metrics({"step": self.step, "loss": sum(window) / len(window), "skipped": skipped,
+                    mean = torch.stack(window).mean().item()
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    self._write_metrics({"step": self.step, "loss": mean, "skipped": int(skipped),
                                          "updates_per_s": updates_in_window / elapsed, "time": time.time()})
                     window, start, updates_in_window = [], time.perf_counter(), 0
                 if crossed(cfg.sample_interval, before):

@@ -104,6 +104,21 @@ def test_updates_per_batch(tmp_path, mode, updates):
 
 
 @pytest.mark.parametrize("mode", ["standard", "free_at", "pgd_at"])
+def test_a_batch_reads_nothing_back_from_the_device(tmp_path, mode, monkeypatch):
+    """On a GPU a value read back (item, bool, int, float of a tensor) makes the host wait for the
+    queued kernels: a batch leaves its loss and skipped count on the device for the log."""
+    trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3))
+    reads = []
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _real=real: (
+            reads.append(_name), _real(self, *a))[1])
+    loss, skipped = trainer.train_batch()
+    monkeypatch.undo()
+    assert not reads and float(loss) > 0 and int(skipped) == 0
+
+
+@pytest.mark.parametrize("mode", ["standard", "free_at", "pgd_at"])
 def test_metrics_are_logged_at_multiples_of_the_log_interval(tmp_path, mode):
     trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3, total_steps=6, log_interval=2))
     trainer.train()
