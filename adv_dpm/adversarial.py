@@ -24,6 +24,7 @@ import torch
 
 from .ops import adv_step, adv_step_inject
 from .ops.checks import TARGETS
+from .utils import to_device
 
 BUDGETS = ("input", "noise")
 DIRECTIONS = ("gradient", "random")
@@ -91,7 +92,7 @@ class Perturbation:
         grad_target = target.grad if target is not None and self.config.target == "delta" else None
         if self.config.direction == "random":   # the loss gradients do not enter (a zero one for the target)
             noise = torch.randn(self.x_t.shape, generator=self.generator)
-            grad_x, grad_scale = torch.empty_like(self.x_t).copy_(noise), 1.0
+            grad_x, grad_scale = torch.empty_like(self.x_t).copy_(to_device(noise, self.x_t.device)), 1.0
             grad_target = None if grad_target is None else torch.zeros_like(grad_target)
         if self.u is not None:
             step = self._noise_step(grad_x, grad_target, grad_scale)

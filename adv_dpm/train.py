@@ -30,7 +30,7 @@ from .adversarial import AdversarialConfig, Perturbation
 from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
 from .diffusion.losses import split_output
 from .models import build_model
-from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid
+from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid, to_device
 
 MODES = ("standard", "ip", "free_at", "pgd_at")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -376,17 +376,17 @@ class Trainer:
         """The batch as micro-batches: each a dict with x0, y, t, weights, eps, the clean x_t and c_noise
         (consistency models: also the grid's next timestep s < t and x_s, one ODE step from x_t)."""
         x0, y = next(self.batches)
-        x0 = x0.to(self.device)
+        x0 = to_device(x0, self.device)
         if self.cfg.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        y = None if y is None or not self.model.config.get("num_classes") else y.to(self.device)
+        y = None if y is None or not self.model.config.get("num_classes") else to_device(y, self.device)
         if self.consistency:   # an interval n of the grid, uniformly: t = t_{n+1}, s = t_n
             n = torch.randint(len(self.grid) - 1, (x0.shape[0],), generator=self.noise)
-            t_cpu, s, weights = self.grid[n + 1], self.grid[n].to(self.device), torch.ones(x0.shape[0])
+            t_cpu, s, weights = self.grid[n + 1], to_device(self.grid[n], self.device), torch.ones(x0.shape[0])
         else:
             t_cpu, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
-        eps = torch.randn(x0.shape, generator=self.noise).to(self.device, memory_format=torch.preserve_format)
-        t, weights = t_cpu.to(self.device), weights.to(self.device)
+        eps = to_device(torch.randn(x0.shape, generator=self.noise), self.device)
+        t, weights = to_device(t_cpu, self.device), to_device(weights, self.device)
         size = self.cfg.microbatch or x0.shape[0]
         micro = []
         for i in range(0, x0.shape[0], size):
@@ -394,9 +394,9 @@ class Trainer:
             m = {"x0": x0[part], "y": None if y is None else y[part], "t": t[part], "w": weights[part],
                  "eps": eps[part], "share": x0[part].shape[0] / x0.shape[0]}
             m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"])
-            m["c_noise"] = self.schedule.sqrt_one_minus_alphas_cumprod.float()[t_cpu[part]].to(self.device)
+            m["c_noise"] = to_device(self.schedule.sqrt_one_minus_alphas_cumprod.float()[t_cpu[part]], self.device)
             if self.cfg.mode == "ip":   # DDPM-IP: eps' = eps + gamma * xi, target stays eps
-                xi = torch.randn(m["x0"].shape, generator=self.noise).to(self.device)
+                xi = to_device(torch.randn(m["x0"].shape, generator=self.noise), self.device)
                 delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
                 m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"], delta, "original")
             if self.consistency:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adv_dpm.train import TrainConfig, Trainer
+from adv_dpm.utils import to_device
 from adv_dpm.diffusion import Schedule
 
 TOY = dict(data="toy:gmm", model="toy2d", model_overrides={"hidden": 32, "depth": 2}, batch_size=16,
@@ -100,6 +101,30 @@ def test_updates_per_batch(tmp_path, mode, updates):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     loss, skipped = trainer.train_batch()
     assert trainer.step == updates and math.isfinite(loss) and skipped == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+GPU = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_host_tensors_reach_the_device_with_their_values(device):
+    t = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    moved = to_device(t, device)
+    assert moved.device.type == device and torch.equal(moved.cpu(), t)
+
+
+@pytest.mark.parametrize("mode", ["free_at", "pgd_at"])
+@pytest.mark.cuda
+def test_a_batch_trains_on_the_gpu(tmp_path, mode):
+    """The trainer's whole batch on a GPU (host tensors copied without waiting, fused ops on CUDA)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3, device="cuda"))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    loss, skipped = trainer.train_batch()
+    assert math.isfinite(float(loss)) and int(skipped) == 0 and trainer.step == (3 if mode == "free_at" else 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
