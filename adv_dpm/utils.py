@@ -72,10 +72,10 @@ def resolve_device(name):
 
 
 def to_device(t, device):
-    """Host tensor ``t`` on ``device``. To a GPU it goes from pinned memory without the host waiting:
-    a copy from pageable memory waits for every kernel queued before it, as a read-back does."""
+    """``t`` on ``device``. From host memory to a GPU it goes through pinned memory, without the host
+    waiting: a copy from pageable memory waits for every kernel queued before it, as a read-back does."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
