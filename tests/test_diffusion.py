@@ -8,6 +8,7 @@ from torch.distributions import Normal, kl_divergence
 from adv_dpm.diffusion import (LossSecondMomentSampler, Schedule, UniformSampler, beta_schedule,
                                create_timestep_sampler, diffusion_loss, logsnr_timesteps, method_timesteps, q_sample,
                                sample, space_timesteps, vb_terms)
+from adv_dpm.diffusion.schedule import extract, on_device
 
 METHODS = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm_solver++", {})]
 METHOD_IDS = ["ddpm", "ddim", "ddim-eta1", "dpm_solver++"]
@@ -349,3 +350,14 @@ def test_sample_rejects_bad_arguments(cosine):
         sample(fn, cosine, (1, 3, 4, 4), "ddpm", 5, eta=0.5, learn_sigma=False)
     with pytest.raises(ValueError, match="channels"):
         sample(fn, cosine, (1, 3, 4, 4), "ddim", 5, learn_sigma=True)
+
+
+def test_schedule_tables_are_copied_to_a_device_once():
+    """extract on device tensors copies a table there once, not at each call (a copy from host
+    memory waits for the GPU's queue); the 'meta' device stands in for a GPU."""
+    sched, meta = Schedule.named("cosine", 50), torch.device("meta")
+    first = on_device(sched.sqrt_alphas_cumprod, meta)
+    assert first.device == meta and on_device(sched.sqrt_alphas_cumprod, meta) is first
+    assert on_device(sched.betas, torch.device("cpu")) is sched.betas
+    like = torch.empty(2, 3, 4, 4, device=meta)
+    assert extract(sched.sqrt_alphas_cumprod, torch.tensor([0, 7], device=meta), like).shape == (2, 1, 1, 1)

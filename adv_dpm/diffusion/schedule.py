@@ -8,6 +8,9 @@ which is what the model is always called with.
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_ON_DEVICE = WeakIdKeyDictionary()  # a host table -> {device: its copy there}
 
 
 def beta_schedule(name, num_timesteps):
@@ -38,10 +41,21 @@ def space_timesteps(num_timesteps, count):
     return [round(i * stride) for i in range(count)]
 
 
+def on_device(table, device):
+    """A schedule's host table on ``device``, copied there once: a copy at every call would make the
+    host wait for every kernel queued before it (a copy from pageable memory does)."""
+    if table.device == device:
+        return table
+    copies = _ON_DEVICE.setdefault(table, {})
+    if device not in copies:
+        copies[device] = table.to(device)
+    return copies[device]
+
+
 def extract(table, t, like):
     """``table[t]`` on ``like``'s device, shaped (B, 1, ...) to broadcast against ``like``, in
     like's dtype promoted to at least float32 (as ADM, which reads float64 tables as float32)."""
-    values = table.to(t.device)[t].to(torch.promote_types(like.dtype, torch.float32))
+    values = on_device(table, t.device)[t].to(torch.promote_types(like.dtype, torch.float32))
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
