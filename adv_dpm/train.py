@@ -181,10 +181,11 @@ def _as_json(settings):
 
 
 def _distributed():
-    """(rank, world_size), initializing the process group under torchrun."""
+    """(rank, world_size), initializing the process group under torchrun: NCCL for CUDA tensors, gloo
+    beside it for host tensors (the ranks agree on stopping through one, see Trainer._agree)."""
     if "RANK" not in os.environ or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -565,7 +566,9 @@ class Trainer:
         """Whether to stop now: a stop request on any rank stops all of them after the same batch."""
         if self.world == 1:
             return bool(stop)
-        flag = torch.tensor([float(bool(stop))], device=self.device if self.device.type == "cuda" else "cpu")
+        # A host flag where the process group takes host tensors (gloo): a flag on the GPU would make
+        # every batch wait for the kernels queued before it (a process group of NCCL alone needs one).
+        flag = torch.tensor([float(bool(stop))], device="cpu" if "gloo" in dist.get_backend() else self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not stop:
             stop.append("another rank")

@@ -433,6 +433,8 @@ def _ddp_worker(rank, world, port, run_dir, out, objective):
                                      "objective": objective, "scales": 10}))
     trainer.train_batch()
     torch.save([p.detach() for e in trainer.emas.values() for p in [*trainer.params, *e]], f"{out}/rank{rank}.pt")
+    stop = ["SIGTERM"] if rank == 1 else []   # a stop request on one rank stops both
+    torch.save((trainer._agree([]), trainer._agree(stop), stop), f"{out}/agree{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -448,6 +450,8 @@ def test_ddp_two_cpu_processes_keep_the_replicas_in_sync(tmp_path, objective):
     assert len(a) == len(b) > 0
     for p, q in zip(a, b):
         assert torch.equal(p, q)   # each rank saw different data: equal only if gradients were all-reduced
+    assert torch.load(tmp_path / "agree0.pt") == (False, True, ["another rank"])
+    assert torch.load(tmp_path / "agree1.pt") == (False, True, ["SIGTERM"])
 
 
 def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):
