@@ -433,10 +433,10 @@ def _ddp_worker(rank, world, port, run_dir, out, objective):
     torch.set_num_threads(1)
     trainer = Trainer(TrainConfig(**{**TOY, "run_dir": run_dir, "mode": "free_at", "batch_size": 16,
                                      "objective": objective, "scales": 10}))
-    trainer.train_batch()
-    torch.save([p.detach() for e in trainer.emas.values() for p in [*trainer.params, *e]], f"{out}/rank{rank}.pt")
     stop = ["SIGTERM"] if rank == 1 else []   # a stop request on one rank stops both
     torch.save((trainer._agree([]), trainer._agree(stop), stop), f"{out}/agree{rank}.pt")
+    trainer.train_batch()
+    torch.save([p.detach() for e in trainer.emas.values() for p in [*trainer.params, *e]], f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
