@@ -466,10 +466,18 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.scaler.is_enabled() or self.scaler.get_scale() >= grad_scale:
-            with torch.no_grad():  # outside autograd: no detached alias per tensor (~500 in ADM's model)
+        with torch.no_grad():  # outside autograd: no detached alias per tensor (~500 in ADM's model)
+            if not self.scaler.is_enabled():
                 for rate, ema in self.emas.items():
                     torch._foreach_lerp_(ema, self.params, 1 - rate)
+            elif self.emas:
+                # Whether the scaler skipped the step stays on the device, as the EMAs' weight (0 if
+                # it did): reading it back would make the host wait for the GPU at every update.
+                moved = (self.scaler._get_scale_async() >= grad_scale).reshape(()).float()
+                for rate, ema in self.emas.items():
+                    diff = torch._foreach_sub(self.params, ema)
+                    torch._foreach_mul_(diff, moved * (1 - rate))
+                    torch._foreach_add_(ema, diff)
         self.step += 1
 
     def _update_perturbations(self, micro, grad_scale):
@@ -502,7 +510,9 @@ class Trainer:
             update = self.cfg.mode != "pgd_at" or k == replays - 1
             losses = self._replay(micro, update)
             self._record_losses(t, losses)
-            grad_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            # fp16: the loss scale of this replay's gradients, as a device tensor (a copy: the
+            # optimizer step updates the scaler's in place).
+            grad_scale = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else 1.0
             if update:
                 self._optimizer_step(grad_scale)
             if k < replays - 1:

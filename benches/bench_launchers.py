@@ -43,8 +43,8 @@ def calls():
         out[("noise_inject", *key)] = lambda x=x, c=c: noise_inject.noise_inject(x, x, c, c, x, 2)
         out[("noise_inject_backward", *key)] = lambda x=x, c=c: noise_inject.noise_inject_backward(
             x, x, x, x, c, c, x, 2, False)
-        out[("adv_step", *key)] = lambda x=x: adv_step.adv_step(x, x, None, None, None, None, 0.1, 1.0, 1.0, 0)
-        out[("adv_step_inject", *key)] = lambda x=x, c=c: adv_step.adv_step(x, x, None, x, x, c, 0.1, 1.0, 1.0, 2)
+        out[("adv_step", *key)] = lambda x=x: adv_step.adv_step(x, x, None, None, None, None, 0.1, 1.0, None, 0)
+        out[("adv_step_inject", *key)] = lambda x=x, c=c: adv_step.adv_step(x, x, None, x, x, c, 0.1, 1.0, None, 2)
     return out
 
 

@@ -16,7 +16,7 @@ TORCH_LIBRARY(adv_dpm_C, m) {
   m.def("noise_inject_backward(Tensor grad_x_t, Tensor grad_target, Tensor x0, Tensor eps, Tensor c_signal,"
         " Tensor c_noise, Tensor? delta, int mode, bool coef_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("adv_step(Tensor delta, Tensor grad, Tensor? grad_target, Tensor? x_t, Tensor? eps, Tensor? c_noise,"
-        " float lr, float radius, float grad_scale, int mode)"
+        " float lr, float radius, Tensor? grad_scale, int mode)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("group_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups,"
         " float eps, int act) -> (Tensor, Tensor, Tensor)");

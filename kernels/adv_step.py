@@ -61,11 +61,15 @@ def _apply_inputs(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, o_d, o_g, o_gt, 
 
 
 @triton.jit
-def _step_scalars(gg, dg, dd, lr, radius, grad_scale):
-    """(ok, grad_norm, step, scale, delta_norm) of one sample from its statistics (docs/OPS.md)."""
+def _step_scalars(gg, dg, dd, lr, radius, gs_ptr, HAS_SCALE: tl.constexpr):
+    """(ok, grad_norm, step, scale, delta_norm) of one sample from its statistics (docs/OPS.md);
+    the loss scale is read from gs_ptr (HAS_SCALE), else 1."""
     lr = tl.cast(lr, tl.float32)
     radius = tl.cast(radius, tl.float32)
-    grad_scale = tl.cast(grad_scale, tl.float32)
+    if HAS_SCALE:
+        grad_scale = tl.load(gs_ptr)
+    else:
+        grad_scale = 1.0
     ok = gg <= FLT_MAX  # false for inf and nan: a non-finite element of g, or overflow
     grad_norm = tl.sqrt(gg) / grad_scale
     step = lr / tl.maximum(grad_norm, GRAD_NORM_FLOOR) / grad_scale
@@ -101,9 +105,9 @@ def _store_norms(gnorm_ptr, dnorm_ptr, skip_ptr, b, ok, grad_norm, delta_norm):
 @triton.jit
 def _adv_sample_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr,
                        nd_ptr, xadv_ptr, tgt_ptr, gnorm_ptr, dnorm_ptr, skip_ptr,
-                       lr, radius, grad_scale, N,
+                       lr, radius, gs_ptr, N,
                        HAS_GT: tl.constexpr, HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * N
     c_n = _c_noise(cn_ptr, b, HAS_GT or DELTA_TARGET)
@@ -120,7 +124,7 @@ def _adv_sample_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr,
         acc_dg += d * g
         acc_dd += d * d
     ok, grad_norm, step, scale, delta_norm = _step_scalars(
-        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, grad_scale)
+        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, gs_ptr, HAS_SCALE)
     for start in range(0, N, BLOCK):
         i = start + tl.arange(0, BLOCK)
         m = i < N
@@ -159,12 +163,12 @@ def _adv_stats_kernel(delta_ptr, grad_ptr, gt_ptr, cn_ptr, part_ptr,
 @triton.jit
 def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part_ptr,
                       nd_ptr, xadv_ptr, tgt_ptr, gnorm_ptr, dnorm_ptr, skip_ptr,
-                      lr, radius, grad_scale,
+                      lr, radius, gs_ptr,
                       B, N, NB, s2, s3,
                       d_s0, d_s1, d_s2, d_s3, g_s0, g_s1, g_s2, g_s3, gt_s0, gt_s1, gt_s2, gt_s3,
                       xt_s0, xt_s1, xt_s2, xt_s3, e_s0, e_s1, e_s2, e_s3,
                       nd_s0, nd_s1, nd_s2, nd_s3, xa_s0, xa_s1, xa_s2, xa_s3, tg_s0, tg_s1, tg_s2, tg_s3,
-                      HAS_GT: tl.constexpr, HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr,
+                      HAS_GT: tl.constexpr, HAS_XT: tl.constexpr, DELTA_TARGET: tl.constexpr, HAS_SCALE: tl.constexpr,
                       FAST: tl.constexpr, I64: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     b, blk, i, m = tile(NB, N, BLOCK, I64)
 
@@ -205,7 +209,7 @@ def _adv_apply_kernel(delta_ptr, grad_ptr, gt_ptr, xt_ptr, eps_ptr, cn_ptr, part
         acc_dg += tl.load(pb + B * NB + k, mask=km, other=0.0)
         acc_dd += tl.load(pb + 2 * B * NB + k, mask=km, other=0.0)
     ok, grad_norm, step, scale, delta_norm = _step_scalars(
-        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, grad_scale)
+        tl.sum(acc_gg, axis=0), tl.sum(acc_dg, axis=0), tl.sum(acc_dd, axis=0), lr, radius, gs_ptr, HAS_SCALE)
 
     _write(nd_ptr, xadv_ptr, tgt_ptr, o_nd, o_xa, o_tg, m, d, g, x_t, e, c_n, ok, step, scale, HAS_XT, DELTA_TARGET)
     if blk == 0:
@@ -217,7 +221,8 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
 
     new_delta is empty_like(delta); x_adv and target are empty_like(x_t) ((0,) without x_t, as
     in the reference and the fake functions); grad_norm, delta_norm float32 (B,); skipped bool.
-    grad_target (if given) enters g = grad + grad_target / c_noise whatever the mode.
+    grad_target (if given) enters g = grad + grad_target / c_noise whatever the mode. grad_scale:
+    None or a float32 tensor of one element, read by the kernels.
     """
     mode = int(mode)
     has_gt, has_xt = grad_target is not None, x_t is not None
@@ -240,13 +245,13 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     xa, tg = (x_adv, target) if has_xt else (new_delta, new_delta)
     stats_tensors = [delta, grad] + ([grad_target] if has_gt else [])
     apply_tensors = stats_tensors + [new_delta] + ([x_t, eps, x_adv, target] if has_xt else [])
-    flags = dict(HAS_GT=has_gt, HAS_XT=has_xt, DELTA_TARGET=has_xt and mode != 0)
-    scalars = (float(lr), float(radius), float(grad_scale))
+    flags = dict(HAS_GT=has_gt, HAS_XT=has_xt, DELTA_TARGET=has_xt and mode != 0, HAS_SCALE=grad_scale is not None)
+    step_args = (float(lr), float(radius), grad_norm if grad_scale is None else grad_scale)  # grad_norm: unread
     outputs = (new_delta, xa, tg, grad_norm, delta_norm, skipped.view(torch.int8))
     with device_guard(delta):
         if n <= SAMPLE_MAX and fast_path(*apply_tensors):
             block = min(SAMPLE_BLOCK, max(MIN_BLOCK, np2(n)))
-            _adv_sample_kernel[(batch,)](delta, grad, gt, xt, e, cn32, *outputs, *scalars, n, **flags,
+            _adv_sample_kernel[(batch,)](delta, grad, gt, xt, e, cn32, *outputs, *step_args, n, **flags,
                                          BLOCK=block, num_warps=max(1, min(16, block // 512)))
         else:
             block, nb, warps = tiling(batch, n)
@@ -257,7 +262,7 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
                 delta, grad, gt, cn32, part, batch, n, nb, s2, s3, *stride_args(delta, grad, gt),
                 HAS_GT=has_gt, FAST=fast_path(*stats_tensors), I64=i64, BLOCK=block, num_warps=warps)
             _adv_apply_kernel[grid](
-                delta, grad, gt, xt, e, cn32, part, *outputs, *scalars,
+                delta, grad, gt, xt, e, cn32, part, *outputs, *step_args,
                 batch, n, nb, s2, s3, *stride_args(delta, grad, gt, xt, e, new_delta, xa, tg), **flags,
                 FAST=fast_path(*apply_tensors), I64=i64, BLOCK=block,
                 CHUNK=min(PART_CHUNK, np2(nb)), num_warps=warps)

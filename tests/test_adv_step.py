@@ -70,7 +70,7 @@ def test_step_matches_oracle(pair, dtype, case):
     delta, grad, _, _, _, lr, radius = make_state(case, dtype, pair[0])
     with use_pair(pair):
         out = adv_step(delta, grad, lr, radius)
-    ref = reference.adv_step(as64(delta), as64(grad), None, None, None, None, lr, radius, 1.0, 0)
+    ref = reference.adv_step(as64(delta), as64(grad), None, None, None, None, lr, radius, None, 0)
     base = eager.adv_step(delta, grad, lr, radius)
     assert out.delta.dtype == dtype and out.delta.device.type == pair[0]
     assert_within_budget("delta", out.delta.cpu(), ref[0], base[0].cpu())
@@ -95,7 +95,7 @@ def test_inject_matches_oracle(pair, dtype, target, case):
         out = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target)
     mode = TARGETS.index(target)
     ref = reference.adv_step(as64(delta), as64(grad), as64(grad_target), as64(x_t), as64(eps), as64(c_noise),
-                             lr, radius, 1.0, mode)
+                             lr, radius, None, mode)
     # the eager composite of the same step: the target's gradient folded in first
     g_eff = grad if grad_target is None else grad + grad_target / c_noise.to(dtype).reshape(-1, *[1] * (grad.dim() - 1))
     base = eager.adv_step_inject(x_t, eps, c_noise, delta, g_eff, lr, radius, target)
@@ -105,13 +105,23 @@ def test_inject_matches_oracle(pair, dtype, target, case):
     check_norms("delta_norm", out.delta_norm, ref[4], dtype)
 
 
-def test_grad_scale_is_divided_out(pair):
-    delta, grad, _, _, _, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+@pytest.mark.parametrize("form", ["number", "tensor", "GradScaler's (1,) tensor"])
+def test_grad_scale_is_divided_out(pair, form):
+    """The loss scale as a number, or as a tensor on the device that the kernels read there (a
+    GradScaler's scale), whatever the size of the gradient: near the 1e-8 floor of its norm too."""
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+    grad[1] *= 1e-10   # a norm below the 1e-8 floor, which applies to the unscaled norm
+    s = 4096.0
+    scale = {"number": s, "tensor": torch.tensor(s, device=pair[0]),
+             "GradScaler's (1,) tensor": torch.full((1,), s, device=pair[0])}[form]
     with use_pair(pair):
-        plain = adv_step(delta, grad, lr, radius)
-        scaled = adv_step(delta, grad * 1024.0, lr, radius, grad_scale=1024.0)
-    torch.testing.assert_close(scaled.delta, plain.delta, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(scaled.grad_norm, plain.grad_norm, rtol=1e-5, atol=1e-6)
+        plain = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius)
+        scaled = adv_step_inject(x_t, eps, c_noise, delta, grad * s, lr, radius, grad_scale=scale)
+    ref = reference.adv_step(as64(delta), as64(grad), None, as64(x_t), as64(eps), as64(c_noise), lr, radius, None, 1)
+    for i, name in enumerate(["delta", "x_adv", "target"]):
+        torch.testing.assert_close(scaled[i].cpu().double(), ref[i], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(scaled[i], plain[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.grad_norm.cpu(), ref[3], rtol=1e-5, atol=1e-12)
 
 
 def test_non_finite_gradient_keeps_delta_and_is_reported(pair):
@@ -141,11 +151,13 @@ def test_zero_gradient_leaves_delta_inside_the_ball(pair):
 def test_opcheck(pair):
     delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[1], torch.float32, pair[0])
     with use_pair(pair):
-        torch.library.opcheck(torch.ops.adv_dpm.adv_step.default, (delta, grad, lr, radius, 2.0))
+        scale = torch.full((1,), 2.0, device=pair[0])
+        torch.library.opcheck(torch.ops.adv_dpm.adv_step.default, (delta, grad, lr, radius, scale))
+        torch.library.opcheck(torch.ops.adv_dpm.adv_step.default, (delta, grad, lr, radius, None))
         torch.library.opcheck(torch.ops.adv_dpm.adv_step_inject.default,
-                              (x_t, eps, c_noise, delta, grad, lr, radius, "delta", torch.randn_like(grad), 1.0))
+                              (x_t, eps, c_noise, delta, grad, lr, radius, "delta", torch.randn_like(grad), scale))
         torch.library.opcheck(torch.ops.adv_dpm.adv_step_inject.default,
-                              (x_t, eps, c_noise, delta, grad, lr, radius, "original", None, 1.0))
+                              (x_t, eps, c_noise, delta, grad, lr, radius, "original", None, None))
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 32, 32), (1, 3, 96, 64)], ids=lambda s: "x".join(map(str, s)))
@@ -164,6 +176,10 @@ def test_is_deterministic(pair, shape):
     (dict(radius=-1.0), ValueError, r"radius must be a number >= 0 \(inf allowed\), got -1.0"),
     (dict(radius=float("nan")), ValueError, r"radius must be a number >= 0"),
     (dict(grad_scale=0.0), ValueError, r"grad_scale must be a finite number > 0"),
+    (dict(grad_scale=torch.tensor(2.0, dtype=torch.float64)), ValueError,
+     r"grad_scale must be a float32 tensor of one element, got torch.float64 of shape \(\)"),
+    (dict(grad_scale=torch.ones(2)), ValueError, r"grad_scale must be a float32 tensor of one element"),
+    (dict(grad_scale=torch.ones(1, device="meta")), ValueError, r"grad_scale must be on the device of the inputs"),
     (dict(grad=torch.randn(4, 3, 8)), ValueError, r"grad must have the shape of delta \(4, 3, 8, 8\)"),
     (dict(grad=torch.randn(4, 3, 8, 8, dtype=torch.float16)), TypeError, r"grad must have the dtype of delta"),
     (dict(x_t=torch.randn(2, 3, 8, 8)), ValueError, r"x_t must have the shape of delta"),

@@ -130,11 +130,13 @@ def test_a_batch_trains_on_the_gpu(tmp_path, mode):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("mode", ["standard", "free_at", "pgd_at"])
-def test_a_batch_reads_nothing_back_from_the_device(tmp_path, mode, monkeypatch):
+def test_a_batch_reads_nothing_back_from_the_device(tmp_path, mode, precision, monkeypatch):
     """On a GPU a value read back (item, bool, int, float of a tensor) makes the host wait for the
-    queued kernels: a batch leaves its loss and skipped count on the device for the log."""
-    trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3))
+    queued kernels: a batch leaves its loss and skipped count on the device for the log, and fp16
+    its loss scale and whether the scaler skipped the update."""
+    trainer = Trainer(config(tmp_path, mode=mode, adv_steps=3, precision=precision))
     reads = []
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         real = getattr(torch.Tensor, name)
@@ -356,6 +358,16 @@ def test_an_update_the_fp16_scaler_skips_leaves_the_emas_alone(tmp_path):
     assert trainer.step == 2
     assert all(torch.equal(p, q) for p, q in zip(params, trainer.model.parameters()))   # overflowed: no update ...
     assert all(not e.any() for e in trainer.emas[0.5])                                  # ... and no EMA step
+
+
+def test_an_update_the_fp16_scaler_takes_moves_the_emas(tmp_path):
+    trainer = Trainer(config(tmp_path, mode="standard", precision="fp16", ema_rate="0.5", total_steps=1))
+    for e in trainer.emas[0.5]:
+        e.zero_()
+    trainer.train_batch()
+    assert trainer.step == 1
+    for e, p in zip(trainer.emas[0.5], trainer.model.parameters()):
+        torch.testing.assert_close(e, 0.5 * p, rtol=0, atol=0)   # 0 + 0.5 (p - 0)
 
 
 def test_fp16_trains_with_a_grad_scaler_that_is_resumed(tmp_path):

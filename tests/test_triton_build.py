@@ -65,9 +65,9 @@ def _launches():
         kn.noise_inject(x, cl, c, c, None, 0)
         kn.noise_inject_backward(x, cl, x, x, c, c, None, 0, False)
         take("noise_inject")
-        ka.adv_step(x, x, None, None, None, None, 0.1, 1.0, 1.0, 0)
-        ka.adv_step(x, x, x, x, x, c, 0.1, 1.0, 1.0, 2)
-        ka.adv_step(x, cl, None, x, cl, c, 0.1, 1.0, 1.0, 1)
+        ka.adv_step(x, x, None, None, None, None, 0.1, 1.0, None, 0)
+        ka.adv_step(x, x, x, x, x, c, 0.1, 1.0, None, 2)
+        ka.adv_step(x, cl, None, x, cl, c, 0.1, 1.0, torch.ones(1), 1)   # fp16's loss scale
         take("adv_step")
 
     # The ADM shapes of the GroupNorm benchmark and a small batch (the SPLIT plan), bf16 with fp32

@@ -58,3 +58,17 @@ def non_negative(op, name, value, allow_inf=False):
 def positive(op, name, value):
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")
+
+
+def loss_scale(op, name, t, ref):
+    """None, or a float32 tensor of one element on the device of ``ref`` (a GradScaler's scale;
+    its value is not checked: reading it would wait for the device)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be None or a float32 tensor of one element, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be a float32 tensor of one element, got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the device of the inputs ({ref.device}), got {t.device}")

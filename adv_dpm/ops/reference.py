@@ -75,8 +75,9 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     b = (-1, *([1] * (delta.dim() - 1)))
     gg = sample_sum(g * g)
     skipped = ~torch.isfinite(gg)   # a non-finite element of g, or an overflowing norm
-    grad_norm = gg.sqrt() / grad_scale
-    step = lr / grad_norm.clamp_min(GRAD_NORM_FLOOR) / grad_scale
+    gs = 1.0 if grad_scale is None else grad_scale.reshape(()).to(ct)
+    grad_norm = gg.sqrt() / gs
+    step = lr / grad_norm.clamp_min(GRAD_NORM_FLOOR) / gs
     moved = d + step.reshape(b) * g
     n = sample_sum(moved * moved).sqrt()
     scale = torch.where(n > radius, radius / n, torch.ones_like(n))

@@ -129,7 +129,8 @@ void adv_step_kernel(const at::Tensor& delta, const at::Tensor& grad, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adv_step(
     const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& grad_target,
     const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& eps,
-    const std::optional<at::Tensor>& c_noise, double lr, double radius, double grad_scale, int64_t mode) {
+    const std::optional<at::Tensor>& c_noise, double lr, double radius, const std::optional<at::Tensor>& grad_scale,
+    int64_t mode) {
   check_main(delta, "delta");
   check_like(grad, "grad", delta, "delta");
   if (grad_target) check_like(*grad_target, "grad_target", delta, "delta");
@@ -142,8 +143,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool needs_cn = grad_target || (x_t && mode >= 1);
   TORCH_CHECK(!needs_cn || c_noise.has_value(), "c_noise must be given with grad_target or with x_t and mode >= 1");
   if (c_noise) check_coef(*c_noise, "c_noise", delta);
-  TORCH_CHECK(lr >= 0 && radius >= 0 && grad_scale > 0, "need lr >= 0, radius >= 0 and grad_scale > 0, got lr=", lr,
-              ", radius=", radius, ", grad_scale=", grad_scale);
+  double gs = 1.0;
+  if (grad_scale) {
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat && grad_scale->device().is_cpu(),
+                "grad_scale must be a CPU float32 tensor of one element, got ", grad_scale->scalar_type(), " of shape ",
+                grad_scale->sizes(), " on ", grad_scale->device());
+    gs = *grad_scale->const_data_ptr<float>();
+  }
+  TORCH_CHECK(lr >= 0 && radius >= 0 && gs > 0, "need lr >= 0, radius >= 0 and grad_scale > 0, got lr=", lr,
+              ", radius=", radius, ", grad_scale=", gs);
 
   const int64_t B = delta.size(0);
   const at::Tensor cn = c_noise ? coef_values(*c_noise, delta.scalar_type()) : at::Tensor();
@@ -160,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, delta.scalar_type(), "adv_step", [&] {
     with_choice(fused, [&](auto kf) {
       const auto run = [&](auto kgt) {
-        adv_step_kernel<scalar_t, kgt, kf>(delta, grad, gt, xt, e, cn, lr, radius, grad_scale, new_delta, x_adv,
+        adv_step_kernel<scalar_t, kgt, kf>(delta, grad, gt, xt, e, cn, lr, radius, gs, new_delta, x_adv,
                                            target, grad_norm, delta_norm, skipped);
       };
       gt ? run(std::true_type{}) : run(std::false_type{});

@@ -56,9 +56,10 @@ struct StepScalars {
 __device__ __forceinline__ StepScalars step_scalars(const AdvStepParams& p, int64_t b, float gg, float dg, float dd,
                                                     bool write) {
   const bool skip = !finite_f32(gg);
+  const float gs = p.grad_scale != nullptr ? *p.grad_scale : 1.f;
   // IEEE-rounded scalar math, in the order of docs/OPS.md (the build may use --use_fast_math).
-  const float grad_norm = __fdiv_rn(__fsqrt_rn(gg), p.grad_scale);
-  const float step = __fdiv_rn(__fdiv_rn(p.lr, fmaxf(grad_norm, 1e-8f)), p.grad_scale);
+  const float grad_norm = __fdiv_rn(__fsqrt_rn(gg), gs);
+  const float step = __fdiv_rn(__fdiv_rn(p.lr, fmaxf(grad_norm, 1e-8f)), gs);
   const float sq = __fadd_rn(__fadd_rn(dd, __fmul_rn(__fmul_rn(2.f, step), dg)), __fmul_rn(__fmul_rn(step, step), gg));
   const float n = __fsqrt_rn(fmaxf(sq, 0.f));
   const bool project = n > p.radius;

@@ -268,13 +268,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> noise_inj
 }
 
 // ---------------------------------------------------------------------------------------------
-// adv_step(delta, grad, grad_target?, x_t?, eps?, c_noise?, lr, radius, grad_scale, mode)
+// adv_step(delta, grad, grad_target?, x_t?, eps?, c_noise?, lr, radius, grad_scale?, mode)
 //   -> (new_delta, x_adv, target, grad_norm, delta_norm, skipped)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adv_step_cuda(
     const at::Tensor& delta, const at::Tensor& grad, const std::optional<at::Tensor>& grad_target,
     const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& eps,
-    const std::optional<at::Tensor>& c_noise, double lr, double radius, double grad_scale, int64_t mode) {
+    const std::optional<at::Tensor>& c_noise, double lr, double radius, const std::optional<at::Tensor>& grad_scale,
+    int64_t mode) {
   constexpr const char* op = "adv_dpm_C::adv_step (CUDA)";
   check_mode(mode, op);
   TORCH_CHECK(delta.defined() && delta.is_cuda(), op, ": delta must be a CUDA tensor");
@@ -293,7 +294,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const bool needs_cn = has_gt || (has_xt && mode >= 1);
   TORCH_CHECK(!needs_cn || has_cn, op, ": c_noise must be given with grad_target, and with x_t when mode >= 1");
-  TORCH_CHECK(grad_scale > 0, op, ": grad_scale must be > 0, got ", grad_scale);
+  const bool has_gs = grad_scale.has_value() && grad_scale->defined();
+  if (has_gs) {
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat &&
+                    grad_scale->device() == delta.device(),
+                op, ": grad_scale must be a float32 tensor of one element on ", delta.device(), ", got ",
+                grad_scale->scalar_type(), " of shape ", grad_scale->sizes(), " on ", grad_scale->device());
+  }
   TORCH_CHECK(lr >= 0, op, ": lr must be >= 0, got ", lr);
   TORCH_CHECK(radius >= 0, op, ": radius must be >= 0, got ", radius);
 
@@ -315,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.nblk = adv_dpm_cuda::blocks_per_sample(shape.B, shape.N, dtype);
   p.lr = static_cast<float>(lr);
   p.radius = static_cast<float>(radius);
-  p.grad_scale = static_cast<float>(grad_scale);
+  if (has_gs) p.grad_scale = grad_scale->data_ptr<float>();
   p.dense = dense_layout({&delta, &grad, has_gt ? &*grad_target : nullptr, has_xt ? &*x_t : nullptr,
                           has_xt ? &*eps : nullptr, &new_delta, has_xt ? &x_adv : nullptr, has_xt ? &target : nullptr},
                          shape.N);

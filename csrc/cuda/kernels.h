@@ -124,7 +124,8 @@ struct AdvStepParams {
   bool has_x_t = false;          // the fused form: eps and c_noise are given
   int32_t mode = 0;
   int64_t nblk = 1;
-  float lr = 0.f, radius = 0.f, grad_scale = 1.f;
+  float lr = 0.f, radius = 0.f;
+  const float* grad_scale = nullptr;        // the loss scale on the device (one float); nullptr: 1
   View delta, grad, grad_target, x_t, eps;  // inputs
   CoefView c_noise;
   View new_delta, x_adv, target;            // outputs (x_adv, target only if has_x_t)
