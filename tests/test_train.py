@@ -115,14 +115,16 @@ def test_host_tensors_reach_the_device_with_their_values(device):
     assert moved.device.type == device and torch.equal(moved.cpu(), t)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["free_at", "pgd_at"])
 @pytest.mark.cuda
-def test_a_batch_trains_on_the_gpu(tmp_path, mode):
+def test_a_batch_trains_on_the_gpu(tmp_path, mode, precision):
     """The trainer's whole batch on a GPU, as the GPU benchmarks train: a UNet (fused GroupNorm) in
-    bf16 and channels_last, host tensors copied without waiting, the fused ops on CUDA."""
+    bf16 or fp16 (the loss scale read by the CUDA kernels) and channels_last, host tensors copied
+    without waiting, the fused ops on CUDA."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    trainer = Trainer(config(tmp_path, data="digits", model="digits-tiny", model_overrides={}, precision="bf16",
+    trainer = Trainer(config(tmp_path, data="digits", model="digits-tiny", model_overrides={}, precision=precision,
                              channels_last=True, mode=mode, adv_steps=3, device="cuda"))
     before = [p.detach().clone() for p in trainer.model.parameters()]
     loss, skipped = trainer.train_batch()
