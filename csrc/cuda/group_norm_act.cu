@@ -72,51 +72,6 @@ enum Mode : int { kFused = 0, kPartials = 1 };
 constexpr int kApplyUnroll = 4;  // vectors loaded before use by the apply kernels
 
 // ---------------------------------------------------------------------------------------------
-// Raw register storage of V elements (one 128-bit vector, or one scalar of the element's bits).
-template <typename T, int V>
-struct RawT {
-  using type = uint4;
-};
-template <typename T>
-struct RawT<T, 1> {
-  using type = typename Elem<T>::Bits;
-};
-template <typename T, int V>
-using Raw = typename RawT<T, V>::type;
-
-template <typename T, int V>
-__device__ __forceinline__ Raw<T, V> load_raw(const void* base, int64_t off) {
-  using Bits = typename Elem<T>::Bits;
-  const Bits* ptr = static_cast<const Bits*>(base) + off;
-  if constexpr (V == 1) {
-    return __ldg(ptr);
-  } else {
-    return __ldg(reinterpret_cast<const uint4*>(ptr));
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void unpack(const Raw<T, V>& r, float (&out)[V]) {
-  using E = Elem<T>;
-  using Bits = typename E::Bits;
-  if constexpr (V == 1) {
-    out[0] = E::to_f32(r);
-  } else {
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-    if constexpr (sizeof(Bits) == 4) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) out[k] = E::to_f32(w[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        out[2 * k] = E::to_f32(static_cast<Bits>(w[k] & 0xffffu));
-        out[2 * k + 1] = E::to_f32(static_cast<Bits>(w[k] >> 16));
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Math.
 // __fdividef(1, d) is 0 for d > 2^126 (and inf): sigmoid(-large) = 0 without a NaN.
 __device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
