@@ -83,8 +83,8 @@ def _group_channels(gb, G, CG: tl.constexpr, GB: tl.constexpr, CGP: tl.constexpr
 
 
 @triton.jit
-def _off3(c, hw, sC, sHW, UNIT_C: tl.constexpr, UNIT_HW: tl.constexpr, I64: tl.constexpr):
-    """In-sample offsets (GB, CGP, BHW) of channels c (GB, CGP) at positions hw (BHW,)."""
+def _scaled(c, hw, sC, sHW, UNIT_C: tl.constexpr, UNIT_HW: tl.constexpr, I64: tl.constexpr):
+    """c * sC and hw * sHW, unit strides left out (Triton then sees contiguous accesses)."""
     if I64:
         c = c.to(tl.int64)
         hw = hw.to(tl.int64)
@@ -96,23 +96,20 @@ def _off3(c, hw, sC, sHW, UNIT_C: tl.constexpr, UNIT_HW: tl.constexpr, I64: tl.c
         oh = hw
     else:
         oh = hw * sHW
+    return oc, oh
+
+
+@triton.jit
+def _off3(c, hw, sC, sHW, UNIT_C: tl.constexpr, UNIT_HW: tl.constexpr, I64: tl.constexpr):
+    """In-sample offsets (GB, CGP, BHW) of channels c (GB, CGP) at positions hw (BHW,)."""
+    oc, oh = _scaled(c, hw, sC, sHW, UNIT_C, UNIT_HW, I64)
     return oc[:, :, None] + oh[None, None, :]
 
 
 @triton.jit
 def _off2(c, hw, sC, sHW, UNIT_C: tl.constexpr, UNIT_HW: tl.constexpr, I64: tl.constexpr):
     """In-sample offsets (BC, BHW) of channels c (BC,) at positions hw (BHW,)."""
-    if I64:
-        c = c.to(tl.int64)
-        hw = hw.to(tl.int64)
-    if UNIT_C:
-        oc = c
-    else:
-        oc = c * sC
-    if UNIT_HW:
-        oh = hw
-    else:
-        oh = hw * sHW
+    oc, oh = _scaled(c, hw, sC, sHW, UNIT_C, UNIT_HW, I64)
     return oc[:, None] + oh[None, :]
 
 
