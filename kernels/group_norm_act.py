@@ -41,7 +41,9 @@ converted to fp32 in the kernel (no copies); their gradients are written in thei
 
 Works on GPU and under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors.
 """
+import inspect
 import math
+import warnings
 
 import torch
 import triton
@@ -146,13 +148,22 @@ def _channel_params(w_ptr, b_ptr, sc_ptr, sh_ptr, n, c, cm, w_s, b_s, sc_sN, sc_
     return w, b, k, s
 
 
+# tl.reshape(can_reorder=True) lets _group_sum add each thread's elements first. Triton 3.9
+# deprecates the flag and a later one may drop it: used while Triton takes it (its warning is known).
+REORDER_SUMS = tl.constexpr("can_reorder" in inspect.signature(tl.reshape).parameters)
+warnings.filterwarnings("ignore", message=r"tl\.reshape\(can_reorder=True\) is deprecated")
+
+
 @triton.jit
 def _group_sum(t):
     """Per-group sums (axis 0) of a (GB, CGP, BHW) tile, in one reduction: each thread first adds
     the elements it holds, whichever axes they lie on (nested sums over one axis and then the other
     move GB x CGP partial sums between threads when channels are the thread-local axis)."""
     GB: tl.constexpr = t.shape[0]
-    return tl.sum(tl.reshape(t, (GB, t.shape[1] * t.shape[2]), can_reorder=True), axis=1)
+    if REORDER_SUMS:
+        return tl.sum(tl.reshape(t, (GB, t.shape[1] * t.shape[2]), can_reorder=True), axis=1)
+    else:
+        return tl.sum(tl.reshape(t, (GB, t.shape[1] * t.shape[2])), axis=1)
 
 
 @triton.jit
