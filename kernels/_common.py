@@ -37,6 +37,12 @@ def cdiv(a, b) -> int:
     return -(-int(a) // int(b))
 
 
+def options(num_warps: int) -> dict:
+    """The compile options of every launch: ``num_warps``, and floating-point contraction (a * b + c
+    as one fma) stated rather than left to Triton's default, which Triton 3.9 says will change."""
+    return dict(num_warps=num_warps, enable_fp_fusion=True)
+
+
 def sizes4(t: torch.Tensor):
     """(B, s1, s2, s3): t's shape, padded after the batch dimension with ones to rank 4."""
     return (t.shape[0],) + (1,) * (4 - t.dim()) + tuple(t.shape[1:])

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (MIN_BLOCK, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, np2, offset,
-                      split, store, stride_args, tile, tiling)
+                      options, split, store, stride_args, tile, tiling)
 
 GRAD_NORM_FLOOR = tl.constexpr(1e-8)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest float32: x <= FLT_MAX is isfinite for x >= 0
@@ -252,7 +252,7 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
         if n <= SAMPLE_MAX and fast_path(*apply_tensors):
             block = min(SAMPLE_BLOCK, max(MIN_BLOCK, np2(n)))
             _adv_sample_kernel[(batch,)](delta, grad, gt, xt, e, cn32, *outputs, *step_args, n, **flags,
-                                         BLOCK=block, num_warps=max(1, min(16, block // 512)))
+                                         BLOCK=block, **options(max(1, min(16, block // 512))))
         else:
             block, nb, warps = tiling(batch, n)
             part = torch.empty((3, batch, nb), dtype=torch.float32, device=delta.device)
@@ -260,10 +260,10 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
             grid = (batch * nb,)
             _adv_stats_kernel[grid](
                 delta, grad, gt, cn32, part, batch, n, nb, s2, s3, *stride_args(delta, grad, gt),
-                HAS_GT=has_gt, FAST=fast_path(*stats_tensors), I64=i64, BLOCK=block, num_warps=warps)
+                HAS_GT=has_gt, FAST=fast_path(*stats_tensors), I64=i64, BLOCK=block, **options(warps))
             _adv_apply_kernel[grid](
                 delta, grad, gt, xt, e, cn32, part, *outputs, *step_args,
                 batch, n, nb, s2, s3, *stride_args(delta, grad, gt, xt, e, new_delta, xa, tg), **flags,
                 FAST=fast_path(*apply_tensors), I64=i64, BLOCK=block,
-                CHUNK=min(PART_CHUNK, np2(nb)), num_warps=warps)
+                CHUNK=min(PART_CHUNK, np2(nb)), **options(warps))
     return new_delta, x_adv, target, grad_norm, delta_norm, skipped

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INT32_MAX, TARGET_PROGRAMS, cdiv, device_guard, np2, store
+from ._common import INT32_MAX, TARGET_PROGRAMS, cdiv, device_guard, np2, options, store
 
 # Plan sizes (module globals, read at every call: tests shrink them to force a plan, and
 # benches/tune_group_norm.py times alternatives on a GPU).
@@ -752,7 +752,7 @@ def group_norm_act(x, weight, bias, scale, shift, num_groups, eps, act):
         if plan in (ONE, LOOPED):
             _gn_fwd_fused_kernel[(N * ngb,)](
                 x, yk, *ptrs, mean, rstd, G, HW, ngb, nt, cnt, eps, *xv, *yv, *pstrides,
-                ONE_TILE=plan == ONE, **common, **act_flags, num_warps=_warps(gb * cgp * bhw))
+                ONE_TILE=plan == ONE, **common, **act_flags, **options(_warps(gb * cgp * bhw)))
         else:
             tpc, nchunk = _chunking(N * ngb, nt, MAX_CHUNKS)
             ncp = np2(nchunk)
@@ -762,16 +762,16 @@ def group_norm_act(x, weight, bias, scale, shift, num_groups, eps, act):
             pstride, chunk_hw = N * G * nchunk, tpc * bhw
             _gn_fwd_stats_kernel[(N * ngb * nchunk,)](
                 x, part, G, HW, ngb, nt, nchunk, tpc, pstride, *xv,
-                GB_FAST=channels_inner, **common, num_warps=warps)
+                GB_FAST=channels_inner, **common, **options(warps))
             if not combine_in_apply:
                 rb = max(1, min(np2(N * G), REDUCE_TILE // ncp))
                 _gn_fwd_combine_kernel[(cdiv(N * G, rb),)](
                     part, mean, rstd, N * G, HW, nchunk, chunk_hw, pstride, cnt, eps,
-                    CG=cg, RB=rb, NCP=ncp, num_warps=4)
+                    CG=cg, RB=rb, NCP=ncp, **options(4))
             _gn_fwd_apply_kernel[(N * ngb * nt,)](
                 x, yk, *ptrs, part, mean, rstd, G, HW, ngb, nt, nchunk, chunk_hw, pstride,
                 cnt, eps, *xv, *yv, *pstrides, NCP=ncp, COMBINE=combine_in_apply, GB_FAST=channels_inner,
-                **common, **act_flags, num_warps=warps)
+                **common, **act_flags, **options(warps))
     if yk is not y:
         y.copy_(yk)
     return y, mean, rstd
@@ -819,7 +819,7 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
             _gn_bwd_fused_kernel[(N * ngb,)](
                 grad_y, x, gxk, mean, rstd, *ptrs, part, C, G, HW, ngb, nt, cnt, N * C,
                 *gyv, *xv, *gxv, *pstrides, CG=cg, GB=gb, CGP=cgp, BHW=bhw, ONE_TILE=plan == ONE,
-                WRITE_PART=need_params, **flags, num_warps=_warps(gb * cgp * bhw))
+                WRITE_PART=need_params, **flags, **options(_warps(gb * cgp * bhw)))
             ab = part  # not written
         else:
             bc, bhw = _flat_plan(N, C, HW, channels_inner)
@@ -831,7 +831,7 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
             _gn_bwd_partial_kernel[(N * ncb * nchunk,)](
                 grad_y, x, mean, rstd, *ptrs, part, C, G, HW, ncb, nt, nchunk, tpc, N * C * nchunk,
                 *gyv, *xv, *pstrides, CG=cg, BC=bc, BHW=bhw, CB_FAST=channels_inner, **flags,
-                num_warps=warps)
+                **options(warps))
         if need_params or plan == SPLIT:
             ncp = min(np2(nchunk), max(1, REDUCE_TILE // cgp))
             bn = min(np2(N), max(1, REDUCE_TILE // (cgp * ncp)))
@@ -840,12 +840,12 @@ def group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, scale, shift, n
                 gsc if scale is not None else part, gsh if shift is not None else part, ab,
                 N, C, G, nchunk, N * C * nchunk, cnt, *pstrides[:4],
                 CG=cg, CGP=cgp, BN=bn, NCP=ncp, WRITE_AB=plan == SPLIT, **pflags,
-                num_warps=_warps(bn * cgp * ncp // 2))
+                **options(_warps(bn * cgp * ncp // 2)))
         if plan == SPLIT:
             _gn_bwd_dx_kernel[(N * ncb * nt,)](
                 grad_y, x, gxk, mean, rstd, ab, *ptrs, N, C, G, HW, ncb, nt,
                 *gyv, *xv, *gxv, *pstrides, CG=cg, BC=bc, BHW=bhw, CB_FAST=channels_inner, **flags,
-                num_warps=warps)
+                **options(warps))
     if gxk is not grad_x:
         grad_x.copy_(gxk)
     return grad_x, gw, gbias, gsc, gsh

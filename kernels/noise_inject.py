@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, np2, offset, split,
-                      store, stride_args, tile, tiling)
+from ._common import (cdiv, coef32, device_guard, fast_path, geometry, index_is_64bit, load32, np2, offset,
+                      options, split, store, stride_args, tile, tiling)
 
 ORIGINAL, DELTA_DETACH, DELTA = 0, 1, 2
 
@@ -150,7 +150,7 @@ def noise_inject(x0, eps, c_signal, c_noise, delta, mode):
             x0, eps, d, coef32(c_signal), coef32(c_noise), x_t, target,
             n, nb, s2, s3, *stride_args(x0, eps, d, x_t, target),
             HAS_DELTA=has_delta, DELTA_TARGET=has_delta and mode != ORIGINAL,
-            FAST=fast_path(x0, eps, d, x_t, target), I64=index_is_64bit(n), BLOCK=block, num_warps=warps)
+            FAST=fast_path(x0, eps, d, x_t, target), I64=index_is_64bit(n), BLOCK=block, **options(warps))
     return x_t, target
 
 
@@ -189,10 +189,11 @@ def noise_inject_backward(grad_x_t, grad_target, x0, eps, c_signal, c_noise, del
             grad_x_t, grad_target, x0, eps, d, coef32(c_signal), cn32, grad_x0, grad_eps, gd, part,
             batch, n, nb, s2, s3, *stride_args(grad_x_t, grad_target, x0, eps, d, grad_x0, grad_eps, gd),
             HAS_DELTA=has_delta, MODE=mode, COEF=coef_grads, FAST=fast_path(*touched),
-            I64=index_is_64bit(n), BLOCK=block, num_warps=warps)
+            I64=index_is_64bit(n), BLOCK=block, **options(warps))
         if coef_grads:
             rows = min(32, np2(batch))
             cols = min(128, np2(nb))
             _coef_grads_kernel[(cdiv(batch, rows),)](
-                part, cn32, grad_cs, grad_cn, batch, nb, DELTA_TERM=delta_term, ROWS=rows, COLS=cols)
+                part, cn32, grad_cs, grad_cn, batch, nb, DELTA_TERM=delta_term, ROWS=rows, COLS=cols,
+                **options(4))
     return grad_x0, grad_eps, grad_delta, grad_cs, grad_cn

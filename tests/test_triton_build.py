@@ -95,7 +95,7 @@ def _specialize(fn, args, kwargs):
 
     types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
              torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "u1"}
-    option_names = ("num_warps", "num_stages", "num_ctas")
+    option_names = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
     values = dict(zip((p.name for p in fn.params), args))
     values.update({k: v for k, v in kwargs.items() if k not in option_names})
     signature, constexprs, attrs = {}, {}, {}
