@@ -7,11 +7,12 @@ import adv_dpm
 from conftest import use_pair
 
 
-def replay(x0, eps, c_signal, c_noise, delta, grad):
-    """The op calls of one free-AT replay (the gradient comes from the caller's backward)."""
+def replay(x0, eps, c_signal, c_noise, delta, grad, loss_scale):
+    """The op calls of one free-AT replay (the gradient comes from the caller's backward), with the
+    loss scale as a device tensor (a GradScaler's) and as a number."""
     x_t, _ = adv_dpm.noise_inject(x0, eps, c_signal, c_noise)
-    step = adv_dpm.adv_step_inject(x_t, eps, c_noise, delta, grad, 0.1, 1.0)
-    plain = adv_dpm.adv_step(delta, grad, 0.1, 1.0)
+    step = adv_dpm.adv_step_inject(x_t, eps, c_noise, delta, grad * loss_scale, 0.1, 1.0, grad_scale=loss_scale)
+    plain = adv_dpm.adv_step(delta, grad * 4.0, 0.1, 1.0, grad_scale=4.0)
     x_in, target = adv_dpm.noise_inject(x0, eps, c_signal, c_noise, step.delta, "delta")
     return x_in, target, plain.delta
 
@@ -56,5 +57,5 @@ def test_fullgraph_matches_eager(pair, compiled):
 
 def test_no_graph_breaks():
     x0, eps, cs, cn, delta = inputs("cpu")
-    explained = torch._dynamo.explain(replay)(x0, eps, cs, cn, delta, torch.randn_like(x0))
+    explained = torch._dynamo.explain(replay)(x0, eps, cs, cn, delta, torch.randn_like(x0), torch.full((1,), 1024.0))
     assert explained.graph_break_count == 0, explained.break_reasons
