@@ -10,8 +10,9 @@ forward or backward pass.
 
 trains adv-dpm's toy MLP on 8 Gaussians in 2-D, fine-tunes it with free AT and plots DDIM
 samples of its EMA; any epsilon predictor, schedule and data go through ``free_at_batch`` alike. With a
-GradScaler, x_in.grad carries the loss scale: pass ``grad_scale=scaler.get_scale()`` to
-``adv_step_inject``.
+GradScaler, x_in.grad carries the loss scale: pass it as ``grad_scale`` to ``adv_step_inject``
+(``scaler.get_scale()``, or the scale as a float32 tensor on the device, which the kernels read
+without the host waiting for the GPU).
 """
 import argparse
 import math
