@@ -141,7 +141,8 @@ class Loaded:
 
 
 def load_checkpoint(path, ema=None, device="cpu"):
-    """The EMA model (rate ``ema``, default the run's first) of a trainer checkpoint."""
+    """The EMA model (rate ``ema``, default the run's first) of a trainer checkpoint, in the run's
+    memory format (channels_last if it trained so)."""
     path = Path(path)
     device = resolve_device(device)
     state = read_checkpoint(path, device)
@@ -151,11 +152,13 @@ def load_checkpoint(path, ema=None, device="cpu"):
     rates = {float(r): params for r, params in state["ema"].items()}
     if float(rate) not in rates:
         raise ValueError(f"ema: checkpoint {path} has EMA rates {sorted(rates)}, not {rate}")
+    config = state["config"]
     model = build_model(state["model_config"]).to(device)
+    if config.get("channels_last"):  # the run's layout (a 2-D model has no 4-D weight to change)
+        model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for p, e in zip(model.parameters(), rates[float(rate)]):
             p.copy_(e)
-    config = state["config"]
     schedule = Schedule.named(config["noise_schedule"], config["diffusion_steps"])
     return Loaded(model.eval(), schedule, config, bool(state["model_config"].get("learn_sigma", False)),
                   int(state["step"]))

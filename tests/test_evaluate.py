@@ -1,5 +1,6 @@
 """The evaluation grid (adv_dpm.evaluate), the reproduction pipeline end to end at its smoke
 preset (adv_dpm.reproduce), resuming it, and errors naming the bad argument."""
+import copy
 import csv
 import json
 import math
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from adv_dpm import cli
-from adv_dpm.evaluate import SAMPLERS, evaluate
+from adv_dpm.evaluate import SAMPLERS, evaluate, load_checkpoint
 from adv_dpm.reproduce import mean_ci, paired, reproduce, verdict
 from adv_dpm.train import TrainConfig, train
 
@@ -35,6 +36,24 @@ def feature_cache(tmp_path_factory):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_a_channels_last_run_samples_in_channels_last(tmp_path):
+    """load_checkpoint keeps the run's layout (NHWC convolutions: faster sampling on a CPU), with
+    the samples of the same model in NCHW."""
+    run = tmp_path / "run"
+    train(TrainConfig(data="digits", model="digits-tiny", batch_size=8, total_steps=2, save_interval=1000,
+                      diffusion_steps=100, ema_rate="0.9", channels_last=True, run_dir=str(run)))
+    loaded = load_checkpoint(run / "checkpoint.pt")
+    weights = [p for p in loaded.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    nchw = copy.deepcopy(loaded.model).to(memory_format=torch.contiguous_format)
+    assert any(not p.is_contiguous() for p in weights) and all(p.is_contiguous() for p in nchw.parameters())
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = loaded.sample(x_T.shape, "ddim", 5, x_T=x_T)
+        reference = loaded.sample(x_T.shape, "ddim", 5, model_fn=nchw, x_T=x_T)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluate_writes_table_and_plots(toy_checkpoint, tmp_path):
