@@ -4,9 +4,11 @@ composite (eager, as ADM / the authors' code write it) and torch.compile of it, 
     python benches/bench_ops.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16] [--out DIR]
 
 Prints a table and writes JSON + markdown under benches/results/ (see benches/common.py for
-the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy).
+the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy). On a GPU the
+adversarial step also has a 'triton 2-kernel' row: Triton's other form of it, for comparison.
 """
 import argparse
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -76,6 +78,30 @@ def cases(t):
     }
 
 
+@contextlib.contextmanager
+def triton_two_kernel_step():
+    """Triton's adversarial step as two kernels (per-block partials, then the update) at every
+    sample size, instead of one program per sample up to kernels.adv_step.SAMPLE_MAX elements."""
+    from adv_dpm.kernels import adv_step as kernels
+    saved, kernels.SAMPLE_MAX = kernels.SAMPLE_MAX, 0
+    try:
+        yield
+    finally:
+        kernels.SAMPLE_MAX = saved
+
+
+def two_kernel(factory, ours):
+    """A provider beside Triton's own choice: its two-kernel step. One program per sample leaves
+    SMs idle where a batch has fewer samples than the GPU has SMs (ImageNet-64: 64 of an H100's
+    132); this row says whether the two kernels then do better."""
+    run = common.forced("triton", factory, ours)
+
+    def fn():
+        with triton_two_kernel_step():
+            return run()
+    return fn
+
+
 @functools.cache
 def compiled(fn):
     return torch.compile(fn, dynamic=False)
@@ -95,6 +121,8 @@ def bench(rows, shape_names, dtypes, device, min_run_time):
             for op, (nbytes, factory, ours, composite) in cases(t).items():
                 providers = {"eager": factory(composite), "compile": factory(compiled(composite))}
                 providers.update({b: common.forced(b, factory, ours) for b in kernel_backends(device)})
+                if op.startswith("adv_step") and "triton" in providers:
+                    providers["triton 2-kernel"] = two_kernel(factory, ours)
                 times = common.compare({"copy": common.copy_of(nbytes, device), **providers}, device, min_run_time)
                 copy_bw = nbytes / times["copy"]["basis_s"]
                 for name, fn in providers.items():

@@ -43,6 +43,16 @@ def test_kernel_summary_gives_medians_in_launch_order_and_launches_per_call():
         common.summarize_kernels([], calls=2)
 
 
+def test_the_two_kernel_step_provider_restores_the_per_sample_limit():
+    kernels = pytest.importorskip("adv_dpm.kernels.adv_step")
+    limit = kernels.SAMPLE_MAX
+    with pytest.raises(RuntimeError, match="stop"):
+        with bench_ops.triton_two_kernel_step():
+            assert kernels.SAMPLE_MAX == 0   # the launcher reads it at every call
+            raise RuntimeError("stop")
+    assert kernels.SAMPLE_MAX == limit
+
+
 def test_the_kernel_table_covers_every_op_and_backend(monkeypatch):
     """bench_kernels' rows, with the profiler replaced by a stand-in that runs each call once (on
     CPU: the C++ backend, at small shapes)."""
