@@ -35,6 +35,7 @@ from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, s
 MODES = ("standard", "ip", "free_at", "pgd_at")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 INIT_EMA = ("checkpoint", "weights")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     total_steps: int = 1000              # optimizer updates (free AT: rounded up to whole batches of K)
     precision: str = "fp32"              # 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a grad scaler)
     compile: bool = False                # torch.compile the model
+    compile_mode: str = "default"        # its mode: 'default' | 'reduce-overhead' (CUDA graphs: no launch
+                                         # cost per kernel on a GPU) | 'max-autotune' | 'max-autotune-no-cudagraphs'
     channels_last: bool = False          # channels_last memory format for images and model
     log_interval: int = 50               # optimizer updates between metric rows
     sample_interval: int = 0             # updates between sample grids (0: only at the end)
@@ -105,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"sample_method must be one of {METHODS}, got {self.sample_method!r}")
         if self.init_ema not in INIT_EMA:
             raise ValueError(f"init_ema must be one of {INIT_EMA}, got {self.init_ema!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         self._check_consistency()
         self.ema_rates()
         self.adversarial()
@@ -229,7 +234,7 @@ class Trainer:
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
                                                                else [self.device.index])
                     if self.world > 1 else self.model)
-        self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        self.forward = torch.compile(self.ddp, mode=config.compile_mode) if config.compile else self.ddp
         # after DDP's broadcast of rank 0's weights: every rank's EMAs start from the same weights
         rates = config.ema_rates() + ([config.target_ema] if self.consistency else [])
         self.emas = {rate: [p.detach().clone() for p in self.params] for rate in rates}

@@ -2,7 +2,7 @@
 and with plain PyTorch ops (the reference backend), for the same model and batch, side by side.
 
     python benches/bench_train.py [--device cpu|cuda] [--model digits-tiny] [--batch 64]
-                                  [--objective diffusion|cd|ct] [--compile] [--out DIR]
+                                  [--objective diffusion|cd|ct] [--compile [--compile-mode M]] [--out DIR]
 
 Free AT should cost about what standard training costs per update (its perturbation is
 free); PGD AT about K times as much. Each mode is timed in rounds alternating with standard
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from adv_dpm.ops import use_backend  # noqa: E402
-from adv_dpm.train import TrainConfig, Trainer  # noqa: E402
+from adv_dpm.train import COMPILE_MODES, TrainConfig, Trainer  # noqa: E402
 
 COLUMNS = [("model", "model", "{}"), ("objective", "objective", "{}"), ("mode", "mode", "{}"), ("ops", "ops", "{}"),
            ("ms_per_update", "ms / update", "{:.2f}"), ("gpu_busy_ms", "GPU busy ms", "{:.2f}"),
@@ -74,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--objective", default="diffusion", choices=["diffusion", "cd", "ct"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train --compile does")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="its mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
     if args.threads:
@@ -87,14 +89,15 @@ def main(argv=None):
     args.repeats = args.repeats or 5
     meta = common.machine(args.device)
     print(f"# training step on {meta['device']}: {model} ({args.objective}), batch {batch}, {precision}"
-          f"{', compiled' if args.compile else ''}; medians of {args.repeats}\n")
+          f"{f', compiled ({args.compile_mode})' if args.compile else ''}; medians of {args.repeats}\n")
     columns = common.device_columns(COLUMNS, args.device)
     print(common.markdown_table([], columns))
 
     def fill(rows):
         with tempfile.TemporaryDirectory() as tmp:
             settings = dict(data=data, model=model, adv_steps=3, batch_size=batch, precision=precision,
-                            device=args.device, channels_last=gpu, compile=args.compile)
+                            device=args.device, channels_last=gpu, compile=args.compile,
+                            compile_mode=args.compile_mode)
             if args.objective == "cd":   # a teacher of the same architecture (its weights do not change the time)
                 Trainer(TrainConfig(**settings, mode="standard", run_dir=f"{tmp}/teacher")).save()
                 settings.update(objective="cd", teacher=f"{tmp}/teacher/checkpoint.pt")
@@ -143,7 +146,7 @@ def main(argv=None):
         row["fused_speedup"] = plain and plain / row["ms_per_update"]
     print(common.markdown_table(rows, columns), flush=True)
     name = ("bench_train" if args.objective == "diffusion" else f"bench_train_{args.objective}") \
-        + ("-compiled" if args.compile else "")
+        + (("-compiled" if args.compile_mode == "default" else f"-compiled-{args.compile_mode}") if args.compile else "")
     path = common.save(name, meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 

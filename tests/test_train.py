@@ -409,6 +409,31 @@ def test_compiled_model_follows_the_eager_trajectory(tmp_path):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), model)[1])
+    Trainer(config(tmp_path, compile=True, compile_mode="reduce-overhead"))
+    Trainer(config(tmp_path, compile=False, compile_mode="max-autotune"))
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(ValueError, match=r"compile_mode must be one of \('default', 'reduce-overhead'"):
+        config(tmp_path, compile=True, compile_mode="fast")
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_train_the_unet_as_eager_does(tmp_path):
+    """compile_mode 'reduce-overhead' (CUDA graph trees) under the free-AT loop: the replays read
+    the input gradient of the graphed backward before the next forward overwrites it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    settings = dict(data="digits", model="digits-tiny", model_overrides={}, mode="free_at", adv_steps=3,
+                    channels_last=True, device="cuda")
+    runs = [Trainer(config(tmp_path / str(c), **settings, compile=c, compile_mode="reduce-overhead"))
+            for c in (False, True)]
+    losses = [[float(t.train_batch()[0]) for _ in range(3)] for t in runs]
+    assert all(math.isfinite(v) for v in losses[1])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-5)
+
+
 def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
     import sys
     import types
