@@ -59,3 +59,13 @@ def test_no_graph_breaks():
     x0, eps, cs, cn, delta = inputs("cpu")
     explained = torch._dynamo.explain(replay)(x0, eps, cs, cn, delta, torch.randn_like(x0), torch.full((1,), 1024.0))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_the_unet_with_fused_group_norm_compiles_without_a_graph_break():
+    """The trainer's --compile: dynamo takes the whole ADM UNet, fused GroupNorm calls included."""
+    from adv_dpm.models import build_model
+    model = build_model("digits-tiny", image_size=8).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    explained = torch._dynamo.explain(model)(x, torch.tensor([3, 500]))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1 and "torch.ops.adv_dpm.group_norm_act" in explained.graphs[0].code
