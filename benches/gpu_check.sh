@@ -16,7 +16,7 @@ OUT=${1:-benches/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-read -r T_BUILD T_TESTS T_OPS T_GN T_TUNE T_KERNELS T_TRAIN T_PATCH EXTRA <<<"${GPU_CHECK_LIMITS:-100 50 90 90 40 30 50 40}"
+read -r T_BUILD T_TESTS T_OPS T_GN T_TUNE T_KERNELS T_TRAIN T_PATCH EXTRA <<<"${GPU_CHECK_LIMITS:-100 60 90 90 40 30 50 30}"
 if [ -z "$T_PATCH" ] || [ -n "$EXTRA" ]; then
   echo "GPU_CHECK_LIMITS must be 8 numbers of seconds (build tests ops gn tune kernels train patch), got '$GPU_CHECK_LIMITS'" >&2
   exit 2
