@@ -145,8 +145,9 @@ def main(argv=None):
         plain = time_of.get(("plain", row["mode"]))
         row["fused_speedup"] = plain and plain / row["ms_per_update"]
     print(common.markdown_table(rows, columns), flush=True)
-    name = ("bench_train" if args.objective == "diffusion" else f"bench_train_{args.objective}") \
-        + (("-compiled" if args.compile_mode == "default" else f"-compiled-{args.compile_mode}") if args.compile else "")
+    mode = "" if args.compile_mode == "default" else f"-{args.compile_mode}"
+    compiled = f"-compiled{mode}" if args.compile else ""
+    name = ("bench_train" if args.objective == "diffusion" else f"bench_train_{args.objective}") + compiled
     path = common.save(name, meta, rows, columns, args.out)
     print(f"\nresults: {path} (and .json)")
 
