@@ -30,7 +30,7 @@ from .adversarial import AdversarialConfig, Perturbation
 from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
 from .diffusion.losses import split_output
 from .models import build_model
-from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid, to_device
+from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid, to_device, to_host
 
 MODES = ("standard", "ip", "free_at", "pgd_at")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,6 +219,7 @@ class Trainer:
         self.learn_sigma = self.model.config.get("learn_sigma", False)
         self.schedule = Schedule.named(config.noise_schedule, config.diffusion_steps)
         self.timesteps = create_timestep_sampler(config.schedule_sampler, config.diffusion_steps)
+        self.unlearned_losses = []   # (t, losses) on their way to the host, for the timestep sampler
         self.consistency = config.objective != "diffusion"
         if self.consistency:
             self.grid = cm.timestep_grid(self.schedule, config.scales)
@@ -263,6 +264,7 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def state_dict(self):
+        self._learn_losses()
         return {"config": dataclasses.asdict(self.cfg), "model_config": self.model.config, "step": self.step,
                 "model": self.model.state_dict(), "ema": {str(r): e for r, e in self.emas.items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
@@ -390,6 +392,7 @@ class Trainer:
             n = torch.randint(len(self.grid) - 1, (x0.shape[0],), generator=self.noise)
             t_cpu, s, weights = self.grid[n + 1], to_device(self.grid[n], self.device), torch.ones(x0.shape[0])
         else:
+            self._learn_losses()
             t_cpu, weights = self.timesteps.sample(x0.shape[0], "cpu", generator=self.noise)
         eps = to_device(torch.randn(x0.shape, generator=self.noise), self.device)
         t, weights = to_device(t_cpu, self.device), to_device(weights, self.device)
@@ -492,8 +495,10 @@ class Trainer:
                 m["x_s"] = self._ode_step(m, m["perturbation"].x_in)
 
     def _record_losses(self, t, losses):
-        """All ranks' per-sample losses to a timestep sampler that learns from them (no device
-        synchronization or gathering for one that does not)."""
+        """All ranks' per-sample losses, for a timestep sampler that learns from them (no gathering
+        for one that does not). They go to the host without the host waiting for the GPU; the
+        sampler takes them, in order, before it draws or its state is read (``_learn_losses``):
+        what it draws is the same as with each replay's losses taken at once."""
         if not self.timesteps.learns_from_losses:
             return
         if self.world > 1:
@@ -502,7 +507,15 @@ class Trainer:
             dist.all_gather(gathered_t, t)
             dist.all_gather(gathered_l, losses)
             t, losses = torch.cat(gathered_t), torch.cat(gathered_l)
-        self.timesteps.update(t, losses)
+        self.unlearned_losses.append((to_host(t), to_host(losses.detach())))
+
+    def _learn_losses(self):
+        """The recorded losses to the timestep sampler, oldest first (waits for their copies)."""
+        for (t, t_copied), (losses, losses_copied) in self.unlearned_losses:
+            t_copied()
+            losses_copied()
+            self.timesteps.update(t, losses)
+        self.unlearned_losses.clear()
 
     def train_batch(self):
         """K replays of one batch (one for standard and DDPM-IP). Returns the last replay's mean loss

@@ -80,6 +80,19 @@ def to_device(t, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(t):
+    """(copy, wait): a host copy of ``t`` and a function that returns once the copy holds t's
+    values. From a GPU the copy goes to pinned memory without the host waiting for the kernels
+    queued before it; ``wait`` waits for them, so a caller can queue more work first."""
+    if t.device.type != "cuda":
+        return t.cpu(), lambda: None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied.synchronize
+
+
 def atomic_save(obj, path):
     """torch.save to ``path`` atomically."""
     with atomic_open(path) as f:

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from adv_dpm.diffusion import Schedule
+from adv_dpm.diffusion import LossSecondMomentSampler, Schedule
 from adv_dpm.train import TrainConfig, Trainer
-from adv_dpm.utils import to_device
+from adv_dpm.utils import to_device, to_host
 
 TOY = dict(data="toy:gmm", model="toy2d", model_overrides={"hidden": 32, "depth": 2}, batch_size=16,
            diffusion_steps=100, log_interval=2, save_interval=1000, num_samples=4, sample_steps=3)
@@ -115,6 +115,14 @@ def test_host_tensors_reach_the_device_with_their_values(device):
     assert moved.device.type == device and torch.equal(moved.cpu(), t)
 
 
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_device_tensors_reach_the_host_with_their_values(device):
+    t = torch.randn(1000, device=device)
+    host, wait = to_host(t * 2)
+    wait()
+    assert host.device.type == "cpu" and torch.equal(host, (t * 2).cpu())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["free_at", "pgd_at"])
 @pytest.mark.cuda
@@ -147,6 +155,23 @@ def test_a_batch_reads_nothing_back_from_the_device(tmp_path, mode, precision, m
     loss, skipped = trainer.train_batch()
     monkeypatch.undo()
     assert not reads and float(loss) > 0 and int(skipped) == 0
+
+
+def test_the_timestep_sampler_learns_each_batch_before_it_draws_the_next(tmp_path):
+    """loss-second-moment (the paper's): the replays' losses reach the sampler in order before its
+    next draw or a checkpoint, not in the middle of a replay, where reading them back would make
+    the host wait for the GPU before it queues the backward pass."""
+    trainer = Trainer(config(tmp_path, mode="free_at", adv_steps=3, schedule_sampler="loss-second-moment"))
+    events, update, sample = [], trainer.timesteps.update, trainer.timesteps.sample
+    learned = LossSecondMomentSampler(trainer.cfg.diffusion_steps)
+    trainer.timesteps.update = lambda t, losses: (events.append("update"), learned.update(t, losses), update(t, losses))
+    trainer.timesteps.sample = lambda *a, **k: (events.append("sample"), sample(*a, **k))[1]
+    trainer.train_batch()
+    assert events == ["sample"]
+    trainer.train_batch()
+    state = trainer.state_dict()["timestep_sampler"]
+    assert events == ["sample"] + ["update"] * 3 + ["sample"] + ["update"] * 3
+    assert torch.equal(state["loss_counts"], learned.loss_counts) and int(learned.loss_counts.sum()) > 0
 
 
 @pytest.mark.parametrize("mode", ["standard", "free_at", "pgd_at"])
