@@ -227,7 +227,7 @@ __device__ __forceinline__ int64_t tile_offset(const GNTensor& ts, const TileCoo
 // while the tile's own loads are in flight, so that their latency overlaps those. Readable after
 // the next __syncthreads().
 template <typename Params>
-__device__ __forceinline__ void load_tile_coefs(ChanCoef* table, const Params& p, const TileCoord& t, int64_t C) {
+__device__ __forceinline__ void load_tile_coefs(ChanCoef* table, const Params& p, const TileCoord& t) {
   for (uint32_t l = threadIdx.x; l < t.Dt; l += blockDim.x) {
     const int64_t c = t.c0 + l;
     table[l] = chan_coef(p.weight, p.bias, p.scale, p.shift, t.n, c);
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
     for_own_vectors<R>(t, [&](int k, uint32_t j) {
       raw[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, tile_pos(t, j)));
     });
-    if constexpr (kMode == kFused) load_tile_coefs(gn_coef, p, t, tg.C);
+    if constexpr (kMode == kFused) load_tile_coefs(gn_coef, p, t);
     // Corrected two-pass statistics of the tile from the registers: mean0 = sum x / n, then
     // d = x - mean0: mean = mean0 + sum d / n, m2 = sum d^2 - (sum d)^2 / n.
     float s[1] = {0.f};
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kTileMaxThreads, 1)
       rx[k] = load_raw<T, V>(p.x.data, tile_offset<V>(p.x, t, q));
       rg[k] = load_raw<T, V>(p.grad_y.data, tile_offset<V>(p.grad_y, t, q));
     });
-    load_tile_coefs(gn_coef, p, t, tg.C);
+    load_tile_coefs(gn_coef, p, t);
     const float mean = __ldg(p.mean + t.n * tg.G + t.g);
     const float rstd = __ldg(p.rstd + t.n * tg.G + t.g);
     __syncthreads();  // gn_coef
