@@ -29,6 +29,7 @@ from . import data as datasets
 from .adversarial import AdversarialConfig, Perturbation
 from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
 from .diffusion.losses import split_output
+from .diffusion.schedule import on_device
 from .models import build_model
 from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid, to_device, to_host
 
@@ -403,7 +404,7 @@ class Trainer:
             m = {"x0": x0[part], "y": None if y is None else y[part], "t": t[part], "w": weights[part],
                  "eps": eps[part], "share": x0[part].shape[0] / x0.shape[0]}
             m["x_t"], m["target"] = q_sample(self.schedule, m["x0"], m["t"], m["eps"])
-            m["c_noise"] = to_device(self.schedule.sqrt_one_minus_alphas_cumprod.float()[t_cpu[part]], self.device)
+            m["c_noise"] = on_device(self.schedule.sqrt_one_minus_alphas_cumprod, self.device)[m["t"]].float()
             if self.cfg.mode == "ip":   # DDPM-IP: eps' = eps + gamma * xi, target stays eps
                 xi = to_device(torch.randn(m["x0"].shape, generator=self.noise), self.device)
                 delta = self.cfg.ip_gamma * m["c_noise"].reshape(-1, *[1] * (xi.dim() - 1)) * xi
@@ -507,7 +508,7 @@ class Trainer:
             dist.all_gather(gathered_t, t)
             dist.all_gather(gathered_l, losses)
             t, losses = torch.cat(gathered_t), torch.cat(gathered_l)
-        self.unlearned_losses.append((to_host(t), to_host(losses.detach())))
+        self.unlearned_losses.append((to_host(t), to_host(losses)))
 
     def _learn_losses(self):
         """The recorded losses to the timestep sampler, oldest first (waits for their copies)."""
