@@ -8,7 +8,6 @@ the conventions: medians, minimal-bytes bandwidth, ratio to a same-size copy). O
 adversarial step also has a 'triton 2-kernel' row: Triton's other form of it, for comparison.
 """
 import argparse
-import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -78,16 +77,11 @@ def cases(t):
     }
 
 
-@contextlib.contextmanager
 def triton_two_kernel_step():
     """Triton's adversarial step as two kernels (per-block partials, then the update) at every
     sample size, instead of one program per sample up to kernels.adv_step.SAMPLE_MAX elements."""
     from adv_dpm.kernels import adv_step as kernels
-    saved, kernels.SAMPLE_MAX = kernels.SAMPLE_MAX, 0
-    try:
-        yield
-    finally:
-        kernels.SAMPLE_MAX = saved
+    return common.module_globals(kernels, {"SAMPLE_MAX": 0})
 
 
 def two_kernel(factory, ours):

@@ -171,6 +171,20 @@ def copy_of(nbytes, device):
     return lambda: dst.copy_(src)
 
 
+@contextlib.contextmanager
+def module_globals(module, overrides):
+    """``module``'s globals set to ``overrides`` ({name: value}) inside the block, restored after,
+    also on an error: a launcher timed under other sizes than its defaults."""
+    saved = {name: getattr(module, name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def forced(backend, factory, *args):
     """The callable ``factory(*args)``, built and run with the fused ops' backend ``backend``
     forced (None: automatic). Building matters too: an autograd graph made there runs its

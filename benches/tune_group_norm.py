@@ -9,7 +9,6 @@ in bf16 at the largest ADM shapes, NCHW and channels_last (GPU time alone, from 
 The table says which defaults to change; nothing changes by itself. The cases the bf16 target
 is judged on come first: the GPU check's time limit may stop the run before the end.
 """
-import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -40,17 +39,9 @@ COLUMNS = [("shape", "shape", "{}"), ("layout", "layout", "{}"), ("pass", "pass"
            ("of_copy", "of copy", "{:.0%}"), ("vs_default", "x default", "{:.2f}"), ("error", "error", "{}")]
 
 
-@contextlib.contextmanager
 def plan_sizes(overrides):
     """kernels/group_norm_act.py's globals set to ``overrides`` inside the block, restored after."""
-    saved = {name: getattr(kernels, name) for name in overrides}
-    try:
-        for name, value in overrides.items():
-            setattr(kernels, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(kernels, name, value)
+    return common.module_globals(kernels, overrides)
 
 
 def launch_plan(shape, layout, name_pass, overrides, itemsize=2):
