@@ -25,6 +25,7 @@ bench: build
 	$(PY) benches/bench_train.py
 	$(PY) benches/bench_patch.py
 	$(PY) benches/bench_launchers.py
+	$(PY) benches/bench_host.py
 
 # On a machine with a CUDA build of torch and a GPU: build the CUDA kernels, run the CUDA
 # tests and the GPU benchmarks, and leave everything in $(OUT) (default benches/results/gpu).

@@ -59,7 +59,7 @@ def cpu_simd() -> str:
 
 
 def extension():
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/autograd/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -g0: Python's own flags ask for debug info, which makes the CPU kernels compile 1.6x slower.
     # The two warnings off fire only inside torch's vectorized headers (its `#pragma unroll`, and
     # a false maybe-uninitialized in gcc's AVX-512 intrinsics): 30,000 lines of build log, none ours.

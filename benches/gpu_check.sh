@@ -64,6 +64,7 @@ step bench_group_norm "$T_GN" "$PY" benches/bench_group_norm.py --device cuda --
 step tune_group_norm "$T_TUNE" "$PY" benches/tune_group_norm.py --out "$OUT"
 step bench_kernels "$T_KERNELS" "$PY" benches/bench_kernels.py --out "$OUT"
 step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
+step bench_host 30 "$PY" benches/bench_host.py --device cuda --out "$OUT"
 # patch_model on diffusers' UNet2DModel. A machine without a network installs diffusers from a
 # wheelhouse .wheels/ carried beside the tree, made where there is one with
 #   pip download diffusers --python-version 3.12 --only-binary=:all: -d .wheels  (the device's Python)

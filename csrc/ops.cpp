@@ -1,5 +1,6 @@
 // The schemas of the compiled kernels, in one place. Implementations register per device:
-// csrc/cpu/<op>.cpp for CPU, csrc/cuda/bindings.cpp for CUDA. The public ops in
+// csrc/cpu/<op>.cpp for CPU, csrc/cuda/bindings.cpp for CUDA, and csrc/autograd/<op>.cpp the
+// autograd of both where it is written in C++. The public ops in
 // adv_dpm/ops/ call these after validating their arguments (see docs/OPS.md).
 #include <Python.h>
 #include <torch/library.h>

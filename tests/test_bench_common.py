@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
 import bench_group_norm  # noqa: E402
+import bench_host  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_ops  # noqa: E402
 import common  # noqa: E402
@@ -156,3 +157,17 @@ def test_the_launcher_benchmark_times_every_triton_launcher_without_a_gpu(tmp_pa
     assert ops == {"group_norm_act", "group_norm_act_backward", "noise_inject", "noise_inject_backward",
                    "adv_step", "adv_step_inject"}
     assert all(r["launches"] >= 1 and r["us"] > 0 for r in rows)
+
+
+def test_the_host_time_benchmark_times_each_provider_forward_and_with_its_backward():
+    """Each provider computes what its op computes (the fused ops against their composites) and
+    gets both timings."""
+    made = bench_host.providers("cpu")
+    for op in ("group_norm_act", "noise_inject"):
+        (fused, args), (composite, _) = made[(op, f"adv_dpm.{op}")], made[(op, next(
+            p for o, p in made if o == op and "composite" in p))]
+        torch.testing.assert_close(fused(*args), composite(*args))
+    rows = []
+    bench_host.fill(rows, "cpu", min_run_time=0.02)
+    assert [(r["op"], r["provider"]) for r in rows] == list(made)
+    assert all(r["forward_us"] > 0 and r["both_us"] > 0 for r in rows)

@@ -1,4 +1,6 @@
 """group_norm_act: every backend against the float64 oracle, forward and backward."""
+import sys
+
 import pytest
 import torch
 
@@ -225,6 +227,27 @@ def test_backward_is_deterministic(pair):
         first, second = grads_of(group_norm_act, args, grad_y), grads_of(group_norm_act, args, grad_y)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_compiled_kernels_differentiate_without_python(pair):
+    """On their own device the C++ and CUDA kernels come with their autograd in C++: an eager
+    call records a C++ node, and on the CPU its backward calls no Python function of adv_dpm
+    (the Python autograd layer costs more host time than a GPU kernel at the CIFAR-10 batch)."""
+    if pair[1] != pair[0]:
+        pytest.skip("the C++ autograd serves the C++ and CUDA kernels on their own device")
+    args = make_args(CASES[0], torch.float32, pair[0])
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    with use_pair(pair):
+        y = group_norm_act(*leaves)
+    assert not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
+    loss, called = (y * torch.randn_like(y)).sum(), []
+    sys.setprofile(lambda frame, event, _: called.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        loss.backward()
+    finally:
+        sys.setprofile(None)
+    assert not [f for f in called if "adv_dpm" in f]
+    assert all(a.grad is not None for a in leaves if isinstance(a, torch.Tensor))
 
 
 def test_backward_makes_no_zero_gradients_for_the_statistics():

@@ -144,14 +144,14 @@ def run(family, op, main, *args, layout_problem=None):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def call(op, impl, function, *args):
+def call(op, impl, differentiable, *args):
     """Call a fused op. Eager calls on plain tensors run its implementation ``impl`` (the body
-    of the registered custom op ``op``) directly, inside ``function`` (an autograd.Function
-    with the op's own autograd formula) when a gradient is needed: the same code and results
-    without the custom-op dispatch layers (50-100 µs of Python per call, more than a GPU
-    kernel at the CIFAR-10 batch). Compiling, tracing, tensor subclasses and gradients through
-    an op without a formula (``function`` None) go through ``op``. The ops' autograd formulas
-    are first-order reverse mode, so under forward-mode AD and functorch transforms (jvp, grad,
+    of the registered custom op ``op``) directly, or ``differentiable`` (the same with the op's
+    own autograd formula) when a gradient is needed: the same code and results without the
+    custom-op dispatch layers (50-100 µs of Python per call, more than a GPU kernel at the
+    CIFAR-10 batch). Compiling, tracing, tensor subclasses and gradients through an op without
+    a formula (``differentiable`` None) go through ``op``. The ops' autograd formulas are
+    first-order reverse mode, so under forward-mode AD and functorch transforms (jvp, grad,
     jacrev, vmap) the op runs on the reference backend, plain PyTorch that every mode differentiates."""
     if torch.compiler.is_compiling():
         return op(*args)
@@ -162,7 +162,7 @@ def call(op, impl, function, *args):
     if torch._C._len_torch_dispatch_stack() or any(type(t) not in _PLAIN for t in tensors):
         return op(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return op(*args) if function is None else function.apply(*args)
+        return op(*args) if differentiable is None else differentiable(*args)
     return impl(*args)
 
 

@@ -99,4 +99,4 @@ def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, del
     c_noise, gradient flows through delta) or 'delta_detach' (the same value, delta detached).
     Differentiable in every tensor argument.
     """
-    return backend.call(noise_inject_op, _noise_inject, _function, x0, eps, c_signal, c_noise, delta, target)
+    return backend.call(noise_inject_op, _noise_inject, _function.apply, x0, eps, c_signal, c_noise, delta, target)
