@@ -48,20 +48,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> kernel_backward(
 // gets an alias, so that a tensor passed twice gets its own share of the gradient at each place.
 variable_list recomputed_grads(const variable_list& inputs, const Tensor& grad_y, int64_t num_groups, double eps,
                                int64_t act) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("adv_dpm::group_norm_act", "")
-                             .typed<std::tuple<Tensor, Tensor, Tensor>(
-                                 const Tensor&, const OptTensor&, const OptTensor&, c10::SymInt, double,
-                                 const OptTensor&, const OptTensor&, std::optional<c10::string_view>)>();
+  // Called boxed: the schema that torch.library infers from the Python signature (SymInt, str?)
+  // differs between torch versions, a boxed call takes any of them.
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("adv_dpm::group_norm_act", "");
   variable_list aliases, wrt;
   for (const Tensor& t : inputs) {
     aliases.push_back(t.defined() && t.requires_grad() ? t.view_as(t) : t);
     if (aliases.back().defined() && aliases.back().requires_grad()) wrt.push_back(aliases.back());
   }
-  const std::optional<c10::string_view> act_name =
-      act ? std::optional<c10::string_view>("silu") : std::nullopt;
-  const Tensor y = std::get<0>(op.call(aliases[0], given(aliases[1]), given(aliases[2]), c10::SymInt(num_groups),
-                                       eps, given(aliases[3]), given(aliases[4]), act_name));
+  const auto optional = [](const Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); };
+  torch::jit::Stack stack = {aliases[0], optional(aliases[1]), optional(aliases[2]), num_groups, eps,
+                             optional(aliases[3]), optional(aliases[4]),
+                             act ? c10::IValue(std::string("silu")) : c10::IValue()};
+  op.callBoxed(&stack);
+  const Tensor y = stack[0].toTensor();
   variable_list found = wrt.empty() || !y.requires_grad()
       ? variable_list(wrt.size())
       : torch::autograd::grad({y}, wrt, {grad_y}, /*retain_graph=*/true, /*create_graph=*/true,
