@@ -7,8 +7,9 @@
 # folder into FILE after every step (atomically), so that a run stopped from outside still hands
 # back, in one file, all that its finished steps wrote (a device call returns at most 8 files).
 # Each step has a time limit (seconds, GPU_CHECK_LIMITS="build tests ops gn tune kernels train patch"),
-# about 8 minutes in all; a benchmark stopped at its limit keeps the rows it measured. The steps of
-# the open speed targets come first, and each benchmark measures the targets' rows first.
+# about 8 minutes in all (plus info, 60 s at most, and bench_host, 30 s); a benchmark stopped at
+# its limit keeps the rows it measured. The steps of the open speed targets come first, and each
+# benchmark measures the targets' rows first.
 # Usage: bash benches/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
