@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
+from adv_dpm.ops.group_norm_act import collapse_problem
 from conftest import ATOL, PAIRS, _pair_params, assert_within_budget, is_interpreted, require_pair, use_pair
 
 OP = "group_norm_act"
@@ -154,6 +155,22 @@ def check_backward(pair, dtype, case):
     for name, out, r, b in zip(names, got, ref, base):
         assert out.dtype == b.dtype or name != "x"
         assert_within_budget(f"grad_{name}", out.cpu().to(b.dtype), r, b.cpu())
+
+
+def test_backward_takes_an_upstream_gradient_whose_spatial_dims_do_not_collapse(pair):
+    """Every backend, the C++ autograd and the Python layer alike, takes a spatially transposed
+    grad_y (the kernels copy it)."""
+    case = CASES[1]
+    args = make_args(case, torch.float32, pair[0])
+    n, c, h, w = case[0]
+    grad_y = torch.randn(n, c, w, h, generator=torch.Generator().manual_seed(1)).to(pair[0]).transpose(2, 3)
+    assert collapse_problem("grad_y", grad_y)
+    with use_pair(pair):
+        got = grads_of(group_norm_act, args, grad_y)
+    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
+    base = grads_of(eager.group_norm_act, args, grad_y)
+    for name, out, r, b in zip(["x", "weight", "bias", "scale", "shift"], got, ref, base):
+        assert_within_budget(f"grad_{name}", out.cpu(), r, b.cpu())
 
 
 @pytest.mark.parametrize("wdtype, sdtype", [(torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32),
