@@ -40,8 +40,9 @@ def providers(device):
     return {
         ("group_norm_act", "adv_dpm.group_norm_act"):
             (lambda x, w, b, s, h: group_norm_act(x, w, b, 4, 1e-5, s, h), gn),
-        ("group_norm_act", "same kernels, Python autograd"):
-            (lambda x, w, b, s, h: gna._function.apply(x, w, b, 4, 1e-5, s, h, "silu")[0], gn),
+        ("group_norm_act", "same kernels, Python autograd"):   # the path of the Triton kernels
+            (lambda x, w, b, s, h: (gna._check(x, w, b, 4, 1e-5, s, h, "silu"),
+                                    gna._function.apply(x, w, b, 4, 1e-5, s, h, "silu"))[1][0], gn),
         ("group_norm_act", "ADM composite (eager)"):
             (lambda x, w, b, s, h: eager.group_norm_act(x, w, b, 4, 1e-5, s, h), gn),
         ("group_norm_act", "F.group_norm + SiLU (no scale/shift)"):

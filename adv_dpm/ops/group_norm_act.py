@@ -67,8 +67,13 @@ def _stats_like(x, num_groups):
 def _group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
                     eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                     act: Optional[str] = "silu") -> tuple[Tensor, Tensor, Tensor]:
-    code = _check(x, weight, bias, num_groups, eps, scale, shift, act)
-    return backend.run(OP, OP, x, x, weight, bias, scale, shift, num_groups, eps, code,
+    _check(x, weight, bias, num_groups, eps, scale, shift, act)
+    return _run(x, weight, bias, num_groups, eps, scale, shift, act)
+
+
+def _run(x, weight, bias, num_groups, eps, scale, shift, act):
+    """The op's body after ``_check``: (y, mean, rstd) from the backend chosen for x."""
+    return backend.run(OP, OP, x, x, weight, bias, scale, shift, num_groups, eps, _act_code(act),
                        layout_problem=collapse_problem("x", x))
 
 
@@ -126,13 +131,14 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
 
 
 group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
-_function = backend.autograd_function(_group_norm_act, _setup_context, _backward)
+_function = backend.autograd_function(_run, _setup_context, _backward)
 
 
 def _differentiable(x, weight, bias, num_groups, eps, scale, shift, act):
-    """The op, recording its gradient. The C++ and CUDA kernels (on their own device) come with
-    their autograd in C++ (csrc/autograd/group_norm_act.cpp), whose backward runs no Python:
-    a third less host time per call than through ``_function`` (benches/bench_host.py)."""
+    """The op, recording its gradient, its arguments checked once here. The C++ and CUDA kernels
+    (on their own device) come with their autograd in C++ (csrc/autograd/group_norm_act.cpp),
+    whose backward runs no Python: a third less host time per call than through ``_function``
+    (benches/bench_host.py)."""
     code = _check(x, weight, bias, num_groups, eps, scale, shift, act)
     chosen = backend.select(x, OP, collapse_problem("x", x))
     if chosen == x.device.type:
