@@ -26,9 +26,19 @@ COLUMNS = [("op", "op", "{}"), ("provider", "provider", "{}"), ("forward_us", "f
            ("both_us", "forward + backward us", "{:.1f}")]
 
 
+def python_autograd(family):
+    """The op of ``family`` on its kernels through its Python autograd.Function, checks included:
+    the path of the Triton kernels, and of the C++ and CUDA ones before their autograd in C++."""
+    module = importlib.import_module(f"adv_dpm.ops.{family}")
+
+    def call(*args):
+        module._check(*args)
+        return module._function.apply(*args)[0]
+    return call
+
+
 def providers(device):
-    """{(op, provider): (forward function, its tensor arguments, the rest)}."""
-    gna = importlib.import_module("adv_dpm.ops.group_norm_act")
+    """{(op, provider): (forward function, its tensor arguments)}."""
     from adv_dpm.ops import group_norm_act, noise_inject
     x = torch.randn(2, 8, 2, 2, device=device)
     weight, bias = torch.ones(8, device=device), torch.zeros(8, device=device)
@@ -37,18 +47,20 @@ def providers(device):
     x0, eps, delta = torch.randn(3, *x.shape, device=device).unbind(0)
     c = torch.rand(2, device=device)
     ni = (x0, eps, delta)
+    gn_python, ni_python = python_autograd("group_norm_act"), python_autograd("noise_inject")
     return {
         ("group_norm_act", "adv_dpm.group_norm_act"):
             (lambda x, w, b, s, h: group_norm_act(x, w, b, 4, 1e-5, s, h), gn),
-        ("group_norm_act", "same kernels, Python autograd"):   # the path of the Triton kernels
-            (lambda x, w, b, s, h: (gna._check(x, w, b, 4, 1e-5, s, h, "silu"),
-                                    gna._function.apply(x, w, b, 4, 1e-5, s, h, "silu"))[1][0], gn),
+        ("group_norm_act", "same kernels, Python autograd"):
+            (lambda x, w, b, s, h: gn_python(x, w, b, 4, 1e-5, s, h, "silu"), gn),
         ("group_norm_act", "ADM composite (eager)"):
             (lambda x, w, b, s, h: eager.group_norm_act(x, w, b, 4, 1e-5, s, h), gn),
         ("group_norm_act", "F.group_norm + SiLU (no scale/shift)"):
             (lambda x, w, b, s, h: F.silu(F.group_norm(x, 4, w, b)), gn),
         ("noise_inject", "adv_dpm.noise_inject"):
             (lambda x0, e, d: noise_inject(x0, e, c, c, d, "delta")[0], ni),
+        ("noise_inject", "same kernels, Python autograd"):
+            (lambda x0, e, d: ni_python(x0, e, c, c, d, "delta"), ni),
         ("noise_inject", "composite (eager)"):
             (lambda x0, e, d: eager.noise_inject(x0, e, c, c, d, "delta")[0], ni),
     }

@@ -9,6 +9,7 @@ shuffles.
 import contextlib
 import functools
 import os
+import sys
 from unittest import mock
 
 import pytest
@@ -100,6 +101,17 @@ def kernel_pair(request):
 
 def is_interpreted(pair):
     return pair[1] == "triton" and pair[0] == "cpu"
+
+
+def adv_dpm_python_calls(fn):
+    """The files of the adv_dpm Python functions that ``fn()`` calls (sys.setprofile)."""
+    called = []
+    sys.setprofile(lambda frame, event, _: called.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return [f for f in called if "adv_dpm" in f]
 
 
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

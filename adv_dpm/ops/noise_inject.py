@@ -24,8 +24,13 @@ def _check(x0, eps, c_signal, c_noise, delta, target):
 
 def _noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
                   target: str = "delta_detach") -> tuple[Tensor, Tensor]:
-    mode = _check(x0, eps, c_signal, c_noise, delta, target)
-    return backend.run(OP, "noise_inject", x0, x0, eps, c_signal, c_noise, delta, mode)
+    _check(x0, eps, c_signal, c_noise, delta, target)
+    return _run(x0, eps, c_signal, c_noise, delta, target)
+
+
+def _run(x0, eps, c_signal, c_noise, delta, target):
+    """The op's body after ``_check``: (x_t, target) from the backend chosen for x0."""
+    return backend.run(OP, OP, x0, x0, eps, c_signal, c_noise, delta, checks.target_mode(OP, target))
 
 
 noise_inject_op = torch.library.custom_op("adv_dpm::noise_inject", _noise_inject, mutates_args=())
@@ -88,7 +93,18 @@ def _backward(ctx, grad_x_t, grad_target):
 
 
 noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
-_function = backend.autograd_function(_noise_inject, _setup_context, _backward)
+_function = backend.autograd_function(_run, _setup_context, _backward)
+
+
+def _differentiable(x0, eps, c_signal, c_noise, delta, target):
+    """The op, recording its gradient, its arguments checked once here. The C++ and CUDA kernels
+    (on their own device) come with their autograd in C++ (csrc/autograd/noise_inject.cpp), whose
+    backward runs no Python."""
+    mode = _check(x0, eps, c_signal, c_noise, delta, target)
+    chosen = backend.select(x0, OP)
+    if chosen == x0.device.type:
+        return backend.implementation(chosen, OP, OP)(x0, eps, c_signal, c_noise, delta, mode)
+    return _function.apply(x0, eps, c_signal, c_noise, delta, target)
 
 
 def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
@@ -99,4 +115,4 @@ def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, del
     c_noise, gradient flows through delta) or 'delta_detach' (the same value, delta detached).
     Differentiable in every tensor argument.
     """
-    return backend.call(noise_inject_op, _noise_inject, _function.apply, x0, eps, c_signal, c_noise, delta, target)
+    return backend.call(noise_inject_op, _noise_inject, _differentiable, x0, eps, c_signal, c_noise, delta, target)
