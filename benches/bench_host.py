@@ -67,7 +67,9 @@ def providers(device):
 
 
 def fill(rows, device, min_run_time=1.0):
-    """Every provider timed side by side (common.compare), forward alone and with its backward."""
+    """Every provider timed side by side (common.compare), forward alone and with its backward, in
+    15 short rounds: calls of tens of µs feel a shared machine's speed changes, which many
+    alternations spread over every provider alike."""
     calls = {}
     for (op, name), (fn, tensors) in providers(device).items():
         leaves = [t.detach().requires_grad_() for t in tensors]
@@ -75,7 +77,7 @@ def fill(rows, device, min_run_time=1.0):
         with torch.no_grad():
             calls[(op, name, "forward_us")] = lambda fn=fn, t=tensors: fn(*t)
         calls[(op, name, "both_us")] = lambda fn=fn, t=leaves, g=grad_y: torch.autograd.backward(fn(*t), g)
-    timings = common.compare(calls, None, min_run_time)  # host time as called: no GPU-only timing
+    timings = common.compare(calls, None, min_run_time, rounds=15)  # host time as called: no GPU-only timing
     for op, name in dict.fromkeys((op, name) for op, name, _ in calls):
         rows.append(dict(op=op, provider=name, **{k: timings[(op, name, k)]["us"] for k in ("forward_us", "both_us")}))
     common.print_rows(rows, COLUMNS)
