@@ -1,5 +1,4 @@
 """group_norm_act: every backend against the float64 oracle, forward and backward."""
-
 import pytest
 import torch
 

@@ -187,6 +187,17 @@ def recomputed_grads(impl, args, grads):
     return tuple(next(found) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
 
+def run_recording(function, args, main, op, kernel_args, layout_problem=None):
+    """Private op ``op`` (its family's namesake) run recording its gradient, arguments already
+    checked. The C++ and CUDA kernels on their own device have their autograd in C++
+    (csrc/autograd/<op>.cpp), whose backward runs no Python: they take ``kernel_args`` directly.
+    Any other backend runs through ``function``, the op's Python autograd.Function, on ``args``."""
+    chosen = select(main, op, layout_problem)
+    if chosen == main.device.type:
+        return implementation(chosen, op, op)(*kernel_args)
+    return function.apply(*args)
+
+
 def autograd_function(impl, setup_context, backward):
     """An autograd.Function that runs ``impl`` with the autograd formula registered for its op.
     Called with every argument positional (as ``call`` is). Its forward takes ``ctx`` itself: a

@@ -135,15 +135,11 @@ _function = backend.autograd_function(_run, _setup_context, _backward)
 
 
 def _differentiable(x, weight, bias, num_groups, eps, scale, shift, act):
-    """The op, recording its gradient, its arguments checked once here. The C++ and CUDA kernels
-    (on their own device) come with their autograd in C++ (csrc/autograd/group_norm_act.cpp),
-    whose backward runs no Python: a third less host time per call than through ``_function``
-    (benches/bench_host.py)."""
+    """The op, recording its gradient, its arguments checked once here; on the C++ and CUDA
+    kernels less host time per call than through ``_function`` (benches/bench_host.py)."""
     code = _check(x, weight, bias, num_groups, eps, scale, shift, act)
-    chosen = backend.select(x, OP, collapse_problem("x", x))
-    if chosen == x.device.type:
-        return backend.implementation(chosen, OP, OP)(x, weight, bias, scale, shift, num_groups, eps, code)
-    return _function.apply(x, weight, bias, num_groups, eps, scale, shift, act)
+    return backend.run_recording(_function, (x, weight, bias, num_groups, eps, scale, shift, act), x, OP,
+                                 (x, weight, bias, scale, shift, num_groups, eps, code), collapse_problem("x", x))
 
 
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float = 1e-5,

@@ -97,14 +97,10 @@ _function = backend.autograd_function(_run, _setup_context, _backward)
 
 
 def _differentiable(x0, eps, c_signal, c_noise, delta, target):
-    """The op, recording its gradient, its arguments checked once here. The C++ and CUDA kernels
-    (on their own device) come with their autograd in C++ (csrc/autograd/noise_inject.cpp), whose
-    backward runs no Python."""
+    """The op, recording its gradient, its arguments checked once here."""
     mode = _check(x0, eps, c_signal, c_noise, delta, target)
-    chosen = backend.select(x0, OP)
-    if chosen == x0.device.type:
-        return backend.implementation(chosen, OP, OP)(x0, eps, c_signal, c_noise, delta, mode)
-    return _function.apply(x0, eps, c_signal, c_noise, delta, target)
+    return backend.run_recording(_function, (x0, eps, c_signal, c_noise, delta, target), x0, OP,
+                                 (x0, eps, c_signal, c_noise, delta, mode))
 
 
 def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
