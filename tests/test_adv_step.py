@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adv_dpm.ops import adv_step, adv_step_inject, eager, reference
-from conftest import ATOL, assert_within_budget, is_interpreted, make_input, relayout, use_pair
+from conftest import (ATOL, EMULATED_CUDA, assert_within_budget, emulated_cuda_module, is_interpreted, make_input,
+                      relayout, require_pair, use_pair)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TARGETS = ("original", "delta_detach", "delta")
@@ -89,6 +90,11 @@ def test_inject_matches_oracle(pair, dtype, target, case):
     skip_unsupported(pair, dtype)
     if is_interpreted(pair) and (dtype != torch.float32 and target != "delta"):
         pytest.skip("the interpreter is slow: low precision is covered by one target")
+    check_inject(pair, dtype, target, case)
+
+
+def check_inject(pair, dtype, target, case):
+    """adv_step_inject on ``pair`` against the float64 oracle, within the eager composite's error."""
     delta, grad, x_t, eps, c_noise, lr, radius = make_state(case, dtype, pair[0])
     grad_target = 0.3 * torch.randn_like(grad) if target == "delta" else None
     with use_pair(pair):
@@ -103,6 +109,34 @@ def test_inject_matches_oracle(pair, dtype, target, case):
         assert_within_budget(name, out[i].cpu(), ref[i], base[i].cpu())
     check_norms("grad_norm", out.grad_norm, ref[3], dtype)
     check_norms("delta_norm", out.delta_norm, ref[4], dtype)
+
+
+# The CUDA launcher's forms of the step on an emulated device with thread block clusters (an
+# H100's SM count) and one without (an A100's): device (SMs, clusters), shape, and the plan
+# (0 resident in registers, blocks per sample; 1 one block per sample; 2 two kernels).
+CUDA_PLANS = [
+    pytest.param((132, True), (2, 3, 16, 16), (0, 1), id="clusters-resident"),
+    pytest.param((132, True), (8, 3, 64, 64), (0, 6), id="clusters-resident-cluster-of-6"),
+    pytest.param((132, True), (1, 3, 128, 128), (2, 1), id="clusters-two-kernels"),
+    pytest.param((108, False), (2, 3, 16, 16), (0, 1), id="no-clusters-resident"),
+    pytest.param((108, False), (2, 3, 64, 64), (1, 1), id="no-clusters-one-block-per-sample"),
+    pytest.param((108, False), (1, 3, 96, 80), (2, 1), id="no-clusters-two-kernels"),
+]
+
+
+@pytest.mark.parametrize("device, shape, plan", CUDA_PLANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_cuda_plan_matches_oracle(device, shape, plan, dtype):
+    """Every form of the CUDA step: the launcher picks the expected one for the device and
+    shape, and the fused step (delta target, grad_target folded in) matches the oracle."""
+    pair = require_pair(EMULATED_CUDA)
+    module = emulated_cuda_module()
+    default = module.set_device(*device)
+    try:
+        assert module.adv_step_plan(shape[0], math.prod(shape[1:])) == plan
+        check_inject(pair, dtype, "delta", (shape, "contiguous", "contiguous", "shifted", 0.5))
+    finally:
+        module.set_device(*default)
 
 
 @pytest.mark.parametrize("form", ["number", "tensor", "GradScaler's (1,) tensor"])

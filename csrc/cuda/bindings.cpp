@@ -342,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.delta_norm = delta_norm.data_ptr<float>();
   p.skipped = skipped.data_ptr<bool>();
   at::Tensor partials;
-  if (!adv_dpm_cuda::adv_step_one_block_per_sample(shape)) {
-    partials = at::empty({adv_dpm_cuda::partials_floats(shape.B, p.nblk)}, f32);
+  if (const int64_t ws_floats = adv_dpm_cuda::adv_step_workspace_floats(p); ws_floats > 0) {
+    partials = at::empty({ws_floats}, f32);
     p.partials = partials.data_ptr<float>();
   }
 

@@ -72,12 +72,6 @@ inline int64_t blocks_per_sample(int64_t B, int64_t N, DType dtype) {
   return nblk;
 }
 
-// adv_step runs as one kernel, one block per sample, for samples of at most this many elements
-// (ImageNet-64: 3 x 64 x 64 = 12288); larger samples take the two kernels of nblk blocks per
-// sample, which need the partials workspace.
-constexpr int64_t kAdvStepSampleMax = 16384;
-inline bool adv_step_one_block_per_sample(const Shape& s) { return s.N <= kAdvStepSampleMax; }
-
 // Number of floats of the partial-sum workspace of noise_inject_backward (coef_grads) and
 // adv_step: 3 per (sample, block).
 inline int64_t partials_floats(int64_t B, int64_t nblk) { return B * nblk * 3; }
@@ -132,8 +126,20 @@ struct AdvStepParams {
   float* grad_norm = nullptr;               // (B,) float32
   float* delta_norm = nullptr;              // (B,) float32
   bool* skipped = nullptr;                  // (B,) bool
-  float* partials = nullptr;                // partials_floats(B, nblk) floats, unless one block per sample
+  float* partials = nullptr;                // adv_step_workspace_floats(*this) floats (none: nullptr)
 };
+
+// How adv_step runs on the current device (csrc/cuda/adv_step.cu): `cluster` blocks per sample
+// holding it in registers (a thread block cluster when > 1, on devices that launch them), one
+// block per sample re-reading it from cache, or two kernels through per-block partial sums.
+// Depends on the shape, dtype and the device only, so a call's reduction order is fixed.
+struct AdvStepPlan {
+  enum Kind : int32_t { kResident = 0, kSample = 1, kTwoKernels = 2 } kind = kTwoKernels;
+  int32_t cluster = 1;
+};
+AdvStepPlan adv_step_plan(const AdvStepParams& p);
+// Floats of the partials workspace a call needs (0: none); call it on the filled-in parameters.
+int64_t adv_step_workspace_floats(const AdvStepParams& p);
 
 // Each launcher enqueues its kernels on `stream` and returns cudaGetLastError() (cudaSuccess when
 // there is nothing to do, i.e. B == 0).
