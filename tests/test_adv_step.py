@@ -194,6 +194,20 @@ def test_opcheck(pair):
                               (x_t, eps, c_noise, delta, grad, lr, radius, "original", None, None))
 
 
+def test_batch_beyond_the_launch_grid(kernel_pair):
+    """More samples than a CUDA grid has rows (65535): the kernels loop over the rest."""
+    if kernel_pair == EMULATED_CUDA or is_interpreted(kernel_pair):
+        pytest.skip("70000 samples take minutes in an emulation or the interpreter")
+    case = ((70000, 5), "contiguous", "contiguous", "shifted", 0.5)
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(case, torch.float32, kernel_pair[0])
+    with use_pair(kernel_pair):
+        out = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius, "delta_detach")
+    ref = reference.adv_step(as64(delta), as64(grad), None, as64(x_t), as64(eps), as64(c_noise), lr, radius, None, 1)
+    for i, name in enumerate(["delta", "x_adv", "target"]):
+        torch.testing.assert_close(out[i].cpu().double(), ref[i], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    check_norms("grad_norm", out.grad_norm, ref[3], torch.float32)
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 32, 32), (1, 3, 96, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_is_deterministic(pair, shape):
     delta, grad, x_t, eps, c_noise, lr, radius = make_state((shape, "contiguous", "contiguous", "shifted", 0.5),
