@@ -116,7 +116,8 @@ def check_inject(pair, dtype, target, case):
 # (0 resident in registers, blocks per sample; 1 one block per sample; 2 two kernels).
 CUDA_PLANS = [
     pytest.param((132, True), (2, 3, 16, 16), (0, 1), id="clusters-resident"),
-    pytest.param((132, True), (8, 3, 64, 64), (0, 6), id="clusters-resident-cluster-of-6"),
+    pytest.param((132, True), (2, 3, 32, 32), (0, 3), id="clusters-resident-cluster-of-3"),
+    pytest.param((132, True), (8, 3, 64, 64), (0, 8), id="clusters-resident-cluster-of-8"),
     pytest.param((132, True), (1, 3, 128, 128), (2, 1), id="clusters-two-kernels"),
     pytest.param((108, False), (2, 3, 16, 16), (0, 1), id="no-clusters-resident"),
     pytest.param((108, False), (2, 3, 64, 64), (1, 1), id="no-clusters-one-block-per-sample"),

@@ -6,16 +6,16 @@
 //           x_adv = x_t + new_delta, target = eps (+ new_delta / c_noise[b] for mode >= 1).
 //
 // Three forms (adv_step_plan: from the sample size, the batch and the device):
-//   resident kernel      samples of up to kMaxCluster * kResidentThreads * kResidentElems elements:
-//                        K <= kMaxCluster blocks per sample hold it in registers (delta and g read
-//                        once), sum their statistics through distributed shared memory (a thread
-//                        block cluster, compute capability >= 9.0; K = 1 elsewhere) and write
-//                        from the registers. One launch, DRAM traffic of the data once, and K
-//                        chosen so that small batches (ImageNet-64: B = 64) still fill every SM.
-//   sample kernel        (no clusters, samples of at most kSampleMax elements) one block of
-//                        kSampleThreads per sample runs both passes; the apply pass re-reads
-//                        delta and g, from cache. One launch: at these sizes a launch costs about
-//                        as much as the data.
+//   resident kernel      K blocks per sample hold it in registers (delta and g read once), sum
+//                        their statistics through distributed shared memory (a thread block
+//                        cluster: compute capability >= 9.0, K <= 8, samples of up to 16384
+//                        elements; K = 1 elsewhere, up to 2048) and write from the registers.
+//                        One launch, the data read once, and K chosen so that small batches
+//                        (ImageNet-64: B = 64) still fill every SM.
+//   sample kernel        (larger samples of up to kSampleMax elements, without clusters) one
+//                        block of kSampleThreads per sample runs both passes; the apply pass
+//                        re-reads delta and g, from cache. One launch: at these sizes a launch
+//                        costs about as much as the data.
 //   stats + apply        grid (nblk, min(B, 65535)) blocks of kThreads each: per-(sample, block)
 //                        partials partials[(b * nblk + block) * 3 + {0,1,2}]; then every warp of
 //                        the apply kernel adds its sample's nblk partials in a fixed order
@@ -40,13 +40,15 @@ constexpr int64_t kSampleMax = 16384;  // elements (ImageNet-64: 3 x 64 x 64 = 1
 
 // Resident kernel: kResidentElems elements of delta and g per thread in registers (fp32: 2
 // vectors of 4), up to kMaxCluster blocks (the portable cluster size) per sample: samples of up
-// to 32768 elements. A block takes 74 to 108 registers per thread (ptxas, no spills), so one block
-// fits an SM: a small batch gets about one block per SM (one wave) where its samples have at
-// least kResidentMinElems elements per thread to give.
-constexpr int kResidentThreads = 512;
+// to 16384 elements. A block takes 74 to 108 registers per thread (ptxas, no spills), so
+// kResidentBlocksPerSm blocks fit an SM (one's loads overlap another's reductions and stores): a
+// small batch gets about that many blocks per SM (one wave) where its samples have at least
+// kResidentMinElems elements per thread to give.
+constexpr int kResidentThreads = 256;
 constexpr int kResidentElems = 8;
 constexpr int kResidentMinElems = 4;
 constexpr int kMaxCluster = 8;
+constexpr int kResidentBlocksPerSm = 2;
 // Dynamic shared memory of a resident block: block_allsum's 3 x 32 floats, then the block's 3
 // sums that the other blocks of its cluster read.
 constexpr int kResidentSmemFloats = 3 * 32 + 3;
@@ -225,7 +227,7 @@ __device__ __forceinline__ void cluster_allsum(float (&v)[3], float* part) {
 // (k * cluster + block) * kResidentThreads + thread: for each k, the cluster's threads take
 // consecutive units.
 template <typename T, int V, bool kStrided>
-__global__ void __launch_bounds__(kResidentThreads, 1)
+__global__ void __launch_bounds__(kResidentThreads, kResidentBlocksPerSm)
     adv_step_resident_kernel(const AdvStepParams p) {
   constexpr int R = kResidentElems / V;
   extern __shared__ float resident_smem[];
@@ -382,7 +384,7 @@ AdvStepPlan adv_step_plan(const AdvStepParams& p) {
     plan.kind = AdvStepPlan::kResident;
     int64_t k = need;
     if (clusters) {
-      const int64_t wanted = sms / std::max<int64_t>(rows, 1);
+      const int64_t wanted = static_cast<int64_t>(kResidentBlocksPerSm) * sms / std::max<int64_t>(rows, 1);
       const int64_t useful = std::max<int64_t>(1, n / (static_cast<int64_t>(kResidentThreads) * kResidentMinElems));
       k = std::max(need, std::min({wanted, useful, static_cast<int64_t>(kMaxCluster)}));
     }
