@@ -370,13 +370,21 @@ cudaError_t adv_step_typed(const AdvStepParams& p, const AdvStepPlan& plan, cuda
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// An attribute of the current device; 0 where the query fails (its error cleared: no launch failed).
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return value;
+}
+
 }  // namespace
 
 AdvStepPlan adv_step_plan(const AdvStepParams& p) {
-  int device = 0, sms = 1, clusters = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device);
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const bool clusters = device_attribute(cudaDevAttrClusterLaunch) != 0;
   const int64_t n = p.shape.N, rows = p.shape.B < kMaxGridY ? p.shape.B : kMaxGridY;
   const int64_t need = std::max<int64_t>(1, cdiv(n, static_cast<int64_t>(kResidentThreads) * kResidentElems));
   AdvStepPlan plan;
