@@ -132,7 +132,7 @@ struct AdvStepParams {
 // How adv_step runs on the current device (csrc/cuda/adv_step.cu): `cluster` blocks per sample
 // holding it in registers (a thread block cluster when > 1, on devices that launch them), one
 // block per sample re-reading it from cache, or two kernels through per-block partial sums.
-// Depends on the shape, dtype and the device only, so a call's reduction order is fixed.
+// Depends on the shape and the device only, so a call's reduction order is fixed.
 struct AdvStepPlan {
   enum Kind : int32_t { kResident = 0, kSample = 1, kTwoKernels = 2 } kind = kTwoKernels;
   int32_t cluster = 1;
