@@ -403,14 +403,9 @@ AdvStepPlan adv_step_plan(const AdvStepParams& p) {
   return plan;
 }
 
-int64_t adv_step_workspace_floats(const AdvStepParams& p) {
-  return adv_step_plan(p).kind == AdvStepPlan::kTwoKernels ? partials_floats(p.shape.B, p.nblk) : 0;
-}
-
-cudaError_t launch_adv_step(const AdvStepParams& p, cudaStream_t stream) {
+cudaError_t launch_adv_step(const AdvStepParams& p, const AdvStepPlan& plan, cudaStream_t stream) {
   // With N == 0 (B > 0) the kernels still run: the per-sample outputs are defined.
   if (p.shape.B <= 0) return cudaSuccess;
-  const AdvStepPlan plan = adv_step_plan(p);
   if (plan.kind == AdvStepPlan::kTwoKernels && p.partials == nullptr) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32: return adv_step_typed<float>(p, plan, stream);

@@ -341,13 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.grad_norm = grad_norm.data_ptr<float>();
   p.delta_norm = delta_norm.data_ptr<float>();
   p.skipped = skipped.data_ptr<bool>();
+  const adv_dpm_cuda::AdvStepPlan plan = adv_dpm_cuda::adv_step_plan(p);
   at::Tensor partials;
-  if (const int64_t ws_floats = adv_dpm_cuda::adv_step_workspace_floats(p); ws_floats > 0) {
-    partials = at::empty({ws_floats}, f32);
+  if (plan.kind == adv_dpm_cuda::AdvStepPlan::kTwoKernels) {
+    partials = at::empty({adv_dpm_cuda::partials_floats(shape.B, p.nblk)}, f32);
     p.partials = partials.data_ptr<float>();
   }
 
-  C10_CUDA_CHECK(adv_dpm_cuda::launch_adv_step(p, current_stream()));
+  C10_CUDA_CHECK(adv_dpm_cuda::launch_adv_step(p, plan, current_stream()));
   return std::make_tuple(new_delta, x_adv, target, grad_norm, delta_norm, skipped);
 }
 

@@ -126,7 +126,7 @@ struct AdvStepParams {
   float* grad_norm = nullptr;               // (B,) float32
   float* delta_norm = nullptr;              // (B,) float32
   bool* skipped = nullptr;                  // (B,) bool
-  float* partials = nullptr;                // adv_step_workspace_floats(*this) floats (none: nullptr)
+  float* partials = nullptr;                // partials_floats(B, nblk) floats for the two-kernel plan
 };
 
 // How adv_step runs on the current device (csrc/cuda/adv_step.cu): `cluster` blocks per sample
@@ -137,15 +137,14 @@ struct AdvStepPlan {
   enum Kind : int32_t { kResident = 0, kSample = 1, kTwoKernels = 2 } kind = kTwoKernels;
   int32_t cluster = 1;
 };
+// Computed once per call: the launch takes it, and the caller gives the two-kernel plan its partials.
 AdvStepPlan adv_step_plan(const AdvStepParams& p);
-// Floats of the partials workspace a call needs (0: none); call it on the filled-in parameters.
-int64_t adv_step_workspace_floats(const AdvStepParams& p);
 
 // Each launcher enqueues its kernels on `stream` and returns cudaGetLastError() (cudaSuccess when
 // there is nothing to do, i.e. B == 0).
 cudaError_t launch_noise_inject(const NoiseInjectParams& p, cudaStream_t stream);
 cudaError_t launch_noise_inject_backward(const NoiseInjectBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_adv_step(const AdvStepParams& p, cudaStream_t stream);
+cudaError_t launch_adv_step(const AdvStepParams& p, const AdvStepPlan& plan, cudaStream_t stream);
 
 }  // namespace adv_dpm_cuda
 
