@@ -4,7 +4,7 @@ import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
 from adv_dpm.ops.group_norm_act import collapse_problem
-from conftest import (ATOL, PAIRS, _pair_params, adv_dpm_python_calls, assert_within_budget, is_interpreted,
+from conftest import (ATOL, PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, is_interpreted,
                       require_pair, use_pair)
 
 OP = "group_norm_act"
@@ -246,19 +246,7 @@ def test_backward_is_deterministic(pair):
 
 
 def test_compiled_kernels_differentiate_without_python(pair):
-    """On their own device the C++ and CUDA kernels come with their autograd in C++: an eager
-    call records a C++ node, and on the CPU its backward calls no Python function of adv_dpm
-    (the Python autograd layer costs more host time than a GPU kernel at the CIFAR-10 batch)."""
-    if pair[1] != pair[0]:
-        pytest.skip("the C++ autograd serves the C++ and CUDA kernels on their own device")
-    args = make_args(CASES[0], torch.float32, pair[0])
-    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    with use_pair(pair):
-        y = group_norm_act(*leaves)
-    assert not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
-    loss = (y * torch.randn_like(y)).sum()
-    assert not adv_dpm_python_calls(loss.backward)
-    assert all(a.grad is not None for a in leaves if isinstance(a, torch.Tensor))
+    check_autograd_in_cpp(pair, group_norm_act, make_args(CASES[0], torch.float32, pair[0]))
 
 
 def test_backward_makes_no_zero_gradients_for_the_statistics():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adv_dpm.ops import eager, noise_inject, reference
-from conftest import adv_dpm_python_calls, assert_within_budget, is_interpreted, make_input, relayout, use_pair
+from conftest import assert_within_budget, check_autograd_in_cpp, is_interpreted, make_input, relayout, use_pair
 
 TARGETS = ("original", "delta_detach", "delta")
 # (shape, layout of x0, layout of eps/delta, data kind, with delta, target)
@@ -165,18 +165,7 @@ def test_delta_gradient_without_coefficient_gradients(pair, target):
 
 
 def test_compiled_kernels_differentiate_without_python(pair):
-    """On their own device the C++ and CUDA kernels come with their autograd in C++: an eager
-    call records a C++ node, and on the CPU its backward calls no Python function of adv_dpm."""
-    if pair[1] != pair[0]:
-        pytest.skip("the C++ autograd serves the C++ and CUDA kernels on their own device")
-    args = make_args(CASES[1], torch.float32, pair[0])
-    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    with use_pair(pair):
-        x_t, target = noise_inject(*leaves)
-    assert not isinstance(x_t.grad_fn, torch.autograd.function.BackwardCFunction)
-    loss = (x_t * torch.randn_like(x_t)).sum() + (target * torch.randn_like(target)).sum()
-    assert not adv_dpm_python_calls(loss.backward)
-    assert all(a.grad is not None for a in leaves if isinstance(a, torch.Tensor))
+    check_autograd_in_cpp(pair, noise_inject, make_args(CASES[1], torch.float32, pair[0]))
 
 
 @pytest.mark.parametrize("change, error, match", [
