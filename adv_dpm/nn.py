@@ -202,22 +202,28 @@ def _silu_equivalent(m):
         return False
 
 
-def _norm_subclass_equivalent(m):
-    """A GroupNorm subclass with its own forward (such as ADM's GroupNorm32: fp32 statistics,
-    output in the input dtype) that computes what GroupNormAct(act=None) does: no state beyond
-    weight and bias, and the same outputs on fp32 and bf16 probes."""
+def _fused_norm_equivalent(m):
+    """A GroupNormAct sharing the parameters of ``m``, a GroupNorm subclass with its own forward,
+    that computes what ``m`` does, or None: act=None for ADM's GroupNorm32 (fp32 statistics,
+    output in the input dtype), act='silu' for a norm that applies SiLU itself (consistency
+    models' GroupNorm32 with swish=1.0). No state beyond weight and bias; the same outputs on
+    fp32 and bf16 probes."""
     if not isinstance(m, nn.GroupNorm) or _is_plain_norm(m) or isinstance(m, GroupNormAct) or _hooked(m) \
             or _holds_state(m, ("weight", "bias")):
-        return False
+        return None
     gen = torch.Generator().manual_seed(0)
     like = m.weight if m.affine else torch.empty(0)
     x = 1 + 2 * _randn((2, m.num_channels, 3, 3), like, gen).float()
-    fused = GroupNormAct.replacing(m, None)
     try:
         with torch.no_grad():
-            return all(_close(fused(x.to(dtype)), m(x.to(dtype))) for dtype in (torch.float32, torch.bfloat16))
-    except Exception:  # noqa: BLE001
-        return False
+            refs = [m(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+            for act in (None, "silu"):
+                fused = GroupNormAct.replacing(m, act)
+                if all(_close(fused(ref_x), ref) for ref_x, ref in zip((x, x.bfloat16()), refs)):
+                    return fused
+    except Exception:  # noqa: BLE001 (any failure means "not a GroupNorm")
+        return None
+    return None
 
 
 def _is_adm_block(m):
@@ -314,8 +320,9 @@ def _probe_problem(m, block):
 def patch_model(model: nn.Module) -> list[Replacement]:
     """Replace, in place, the GroupNorm patterns of ``model`` by fused calls; returns what was replaced.
 
-    - GroupNorm subclasses with their own forward, such as ADM's GroupNorm32, become
-      GroupNormAct(act=None) when they compute the same thing (checked on a probe);
+    - GroupNorm subclasses with their own forward become GroupNormAct when they compute the
+      same thing (checked on a probe): act=None for ADM's GroupNorm32, act='silu' for one that
+      applies SiLU itself, as consistency models' GroupNorm32(swish=1.0) does;
       parameterless SiLU classes of other libraries become nn.SiLU (checked likewise);
     - nn.Sequentials with a GroupNorm directly followed by SiLU become FusedSequential, which
       runs the pair as one call when the Sequential is called as a whole (its modules stay);
@@ -331,8 +338,9 @@ def patch_model(model: nn.Module) -> list[Replacement]:
     done = []
     for name, m in list(model.named_modules()):
         for key, child in list(m._modules.items()):
-            new = (GroupNormAct.replacing(child, None) if _norm_subclass_equivalent(child)
-                   else nn.SiLU() if _silu_equivalent(child) else None)
+            new = _fused_norm_equivalent(child)
+            if new is None and _silu_equivalent(child):
+                new = nn.SiLU()
             if new is not None:
                 done.append(Replacement(f"{name}.{key}" if name else key, child, new))
                 m._modules[key] = new

@@ -263,6 +263,70 @@ def test_hooks_added_after_patching_still_run():
     assert len(calls) == 2
 
 
+# consistency models' blocks (openai/consistency_models, cm/nn.py and cm/unet.py): ADM's layout, with
+# a GroupNorm32 that applies its SiLU itself (swish=1.0) where ADM has GroupNorm32 -> SiLU.
+class SwishGroupNorm32(nn.GroupNorm):
+    def __init__(self, num_groups, num_channels, swish, eps=1e-5):
+        super().__init__(num_groups=num_groups, num_channels=num_channels, eps=eps)
+        self.swish = swish
+
+    def forward(self, x):
+        y = super().forward(x.float()).to(x.dtype)
+        if self.swish == 1.0:
+            y = torch.nn.functional.silu(y)
+        elif self.swish:
+            y = y * torch.sigmoid(y * float(self.swish))
+        return y
+
+
+class CMResBlock(ResBlock):
+    def __init__(self, channels, emb_channels, out_channels, use_scale_shift_norm, down=False):
+        super().__init__(channels, emb_channels, out_channels, use_scale_shift_norm, down)
+        self.in_layers[0], self.in_layers[1] = SwishGroupNorm32(8, channels, swish=1.0), nn.Identity()
+        self.out_layers[0] = SwishGroupNorm32(8, out_channels, swish=0.0 if use_scale_shift_norm else 1.0)
+        if not use_scale_shift_norm:
+            self.out_layers[1] = nn.Identity()
+
+
+class TinyCMPiece(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 16, 3, padding=1)   # (torch 2.13's CPU GroupNorm backward crashes on a
+        self.blocks = nn.ModuleList([               # channels_last input whose gradient is not needed)
+            CMResBlock(16, 32, 16, True), CMResBlock(16, 32, 24, True, down=True), CMResBlock(24, 32, 24, False)])
+
+    def forward(self, x, emb):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return h
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_patched_consistency_model_blocks_give_the_same_outputs_and_gradients(memory_format):
+    model = randomized(TinyCMPiece())
+    patched = copy.deepcopy(model)
+    replaced = {r.name: r.new for r in patch_model(patched)}
+    assert {name for name, new in replaced.items() if getattr(new, "act", "") == "silu"} == {
+        "blocks.0.in_layers.0", "blocks.1.in_layers.0", "blocks.2.in_layers.0", "blocks.2.out_layers.0"}
+    assert {name for name, new in replaced.items() if isinstance(new, GroupNormAct) and new.act is None} == {
+        "blocks.0.out_layers.0", "blocks.1.out_layers.0"}
+    assert {"blocks.0._forward", "blocks.1._forward"} <= set(replaced)
+    assert not any(isinstance(m, SwishGroupNorm32) for m in patched.modules())
+
+    x, emb = torch.randn(2, 3, 8, 8).to(memory_format=memory_format), torch.randn(2, 32)
+    assert_same_outputs_and_gradients(model(x, emb), patched(x, emb), model, patched, out_tol=(1e-4, 1e-5),
+                                      grad_tol=(1e-4, 1e-4))
+
+
+def test_a_norm_with_another_swish_stays():
+    """consistency models' GroupNorm32 with swish=0.5 computes y * sigmoid(0.5 y): neither fused form."""
+    model = randomized(nn.Sequential(SwishGroupNorm32(4, 8, swish=0.5), nn.Conv2d(8, 8, 1)))
+    patched = copy.deepcopy(model)
+    assert patch_model(patched) == []
+    assert_same_function(model, patched, torch.randn(2, 8, 4, 4))
+
+
 # diffusers' blocks, as users' models have them (diffusers is a test dependency only).
 def diffusers_unet(time_embedding_norm, down, up):
     """A small UNet2DModel with random weights, in float64: a patched copy must then match it to
