@@ -1,6 +1,7 @@
 """Drop-in modules on the fused ops, and ``patch_model`` to put them into an existing model."""
 import copy
 import functools
+import inspect
 import sys
 import warnings
 from typing import Callable, NamedTuple
@@ -176,6 +177,28 @@ def _edm_attention(self, x):
     return (self.proj(out) + x) * self.skip_scale
 
 
+def _per_sample(t, n, c, dim):
+    """``t`` of shape (n, c, 1, ...) with ``dim`` dims as an (n, c) view, or None."""
+    if isinstance(t, torch.Tensor) and t.dim() == dim and tuple(t.shape[:2]) == (n, c) \
+            and all(s == 1 for s in t.shape[2:]):
+        return t.reshape(n, c)
+    return None
+
+
+def _conv_block_forward(self, x, scale_shift=None):
+    """denoising-diffusion-pytorch's Block.forward, convolution -> GroupNorm -> x * (scale + 1) +
+    shift -> SiLU, with all but the convolution as one fused call (the block's own forward while
+    a hook sits on its norm or SiLU, or for a scale_shift that is not a pair per sample and channel)."""
+    scale = shift = None
+    if scale_shift is not None:
+        pair = tuple(scale_shift)
+        scale, shift = (_per_sample(t, x.shape[0], self.norm.num_channels, x.dim()) for t in pair) \
+            if len(pair) == 2 else (None, None)
+    if _hooked(self.norm) or _hooked(self.act) or (scale_shift is not None and (scale is None or shift is None)):
+        return type(self).forward(self, x, scale_shift)
+    return _norm_silu(self.norm, self.proj(x), scale, shift)
+
+
 def _close(out, ref):
     """Whether a probe's output matches the original's (dtype, shape, values within the dtype's rounding)."""
     if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)) or out.dtype != ref.dtype \
@@ -277,6 +300,21 @@ def _edm_probe_inputs(m, gen):
     return _randn((2, m.in_channels, 8, 8), like, gen), _randn((2, m.emb_channels), like, gen)
 
 
+def _is_conv_block(m):
+    """Laid out as denoising-diffusion-pytorch's Block: proj (a convolution), norm (GroupNorm), act
+    (SiLU) and nothing else, ``forward(x, scale_shift=None)``."""
+    return (set(m._modules) == {"proj", "norm", "act"} and isinstance(m.proj, nn.modules.conv._ConvNd)
+            and _is_plain_norm(m.norm) and _is_silu(m.act)
+            and "scale_shift" in inspect.signature(type(m).forward).parameters)
+
+
+def _conv_block_probe_inputs(m, gen):
+    spatial = [8] * len(m.proj.kernel_size)
+    x = _randn((2, m.proj.in_channels, *spatial), m.proj.weight, gen)
+    scale_shift = tuple(_randn((2, m.norm.num_channels, *[1] * len(spatial)), m.proj.weight, gen) for _ in range(2))
+    return x, scale_shift
+
+
 class _Block(NamedTuple):
     """A residual block layout whose GroupNorm -> SiLU code a fused method can replace."""
     name: str                                # whose block it is, with the method ("ADM's ResBlock._forward")
@@ -289,7 +327,9 @@ class _Block(NamedTuple):
 _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_block, _adm_probe_inputs),
            _Block("diffusers' ResnetBlock2D.forward", "forward", _diffusers_forward, _is_diffusers_block,
                   _diffusers_probe_inputs),
-           _Block("EDM's UNetBlock.forward", "forward", _edm_forward, _is_edm_block, _edm_probe_inputs))
+           _Block("EDM's UNetBlock.forward", "forward", _edm_forward, _is_edm_block, _edm_probe_inputs),
+           _Block("denoising-diffusion-pytorch's Block.forward", "forward", _conv_block_forward, _is_conv_block,
+                  _conv_block_probe_inputs))
 
 
 def _patched(m, block):
@@ -329,7 +369,9 @@ def patch_model(model: nn.Module) -> list[Replacement]:
     - residual blocks laid out as ADM's ResBlock with ``use_scale_shift_norm`` (the
       GN * (1 + scale) + shift -> SiLU tail of ``_forward``), as diffusers' ResnetBlock2D or as
       EDM's UNetBlock (both GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale
-      embedding folded in) get that method with fused calls, where a probe shows the block's
+      embedding folded in), and the conv -> GN -> scale/shift -> SiLU Block of
+      denoising-diffusion-pytorch (and the many UNets written after it) get that method with
+      fused calls, where a probe shows the block's
       own method computes the same; otherwise the block is left as is, with a warning.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts

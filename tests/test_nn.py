@@ -1,6 +1,7 @@
 """GroupNormAct as a drop-in, and patch_model on an ADM-style UNet piece: same outputs and gradients."""
 import copy
 import io
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -539,19 +540,114 @@ def test_edm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forwar
     assert calls == [1]
 
 
+# denoising-diffusion-pytorch's blocks (and the many UNets written after it): Block = conv -> GroupNorm
+# -> x * (scale + 1) + shift -> SiLU, two of them per ResnetBlock, the time embedding's halves as
+# (B, C, 1, ...) tensors.
+class WeightStandardizedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) * (w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+                                                         + 1e-5).rsqrt()
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, dim_out, conv=nn.Conv2d, groups=4):
+        super().__init__()
+        self.proj = conv(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return self.act(x)
+
+
+class ConvResnetBlock(nn.Module):
+    def __init__(self, dim, dim_out, time_dim, conv=nn.Conv2d):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * dim_out))
+        self.block1, self.block2 = Block(dim, dim_out, conv), Block(dim_out, dim_out, conv)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1) if conv is nn.Conv1d else nn.Conv2d(dim, dim_out, 1)
+
+    def forward(self, x, time_emb):
+        emb = self.mlp(time_emb).reshape(x.shape[0], -1, *[1] * (x.dim() - 2))
+        h = self.block1(x, scale_shift=emb.chunk(2, dim=1))
+        return self.block2(h) + self.res_conv(x)
+
+
+class TinyConvUNet(nn.Module):
+    def __init__(self, conv=nn.Conv2d):
+        super().__init__()
+        self.blocks = nn.ModuleList([ConvResnetBlock(3, 16, 8, conv), ConvResnetBlock(16, 8, 8, conv)])
+
+    def forward(self, x, time_emb):
+        for block in self.blocks:
+            x = block(x, time_emb)
+        return x
+
+
+@pytest.mark.parametrize("conv,shape,memory_format", [
+    (nn.Conv2d, (2, 3, 8, 8), torch.contiguous_format), (nn.Conv2d, (2, 3, 8, 8), torch.channels_last),
+    (WeightStandardizedConv, (2, 3, 8, 8), torch.contiguous_format), (nn.Conv1d, (2, 3, 16), torch.contiguous_format)],
+    ids=["conv2d-nchw", "conv2d-nhwc", "weight-standardized", "conv1d"])
+def test_patched_conv_block_unet_gives_the_same_outputs_and_gradients(conv, shape, memory_format):
+    model = randomized(TinyConvUNet(conv))
+    patched = copy.deepcopy(model)
+    assert sorted(r.name for r in patch_model(patched)) == [
+        f"blocks.{i}.block{j}.forward" for i in range(2) for j in (1, 2)]
+    assert patch_model(patched) == []   # idempotent
+    x, emb = torch.randn(shape).to(memory_format=memory_format), torch.randn(2, 8)
+    out_ref = model(x, emb)
+    with mock.patch.object(nn.GroupNorm, "forward", side_effect=AssertionError("an unfused GroupNorm ran")):
+        out = patched(x, emb)
+    assert_same_outputs_and_gradients(out_ref, out, model, patched, out_tol=(1e-4, 1e-5), grad_tol=(1e-4, 1e-4))
+
+
+def test_conv_blocks_that_compute_something_else_or_get_other_scales_keep_their_forward():
+    class NoUnitScale(Block):   # a fork whose forward differs: x * scale + shift
+        def forward(self, x, scale_shift=None):
+            x = self.norm(self.proj(x))
+            if scale_shift is not None:
+                x = x * scale_shift[0] + scale_shift[1]
+            return self.act(x)
+
+    forked = randomized(NoUnitScale(4, 8))
+    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from denoising-diffusion-pytorch's"):
+        assert patch_model(forked) == []
+    assert "forward" not in forked.__dict__
+
+    model = randomized(Block(4, 8))
+    patched = copy.deepcopy(model)
+    assert [r.name for r in patch_model(patched)] == ["forward"]
+    x = torch.randn(2, 4, 6, 6)
+    per_pixel = (torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6))   # not per sample and channel: the own forward
+    for scale_shift in (None, (torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1)), per_pixel):
+        torch.testing.assert_close(patched(x, scale_shift), model(x, scale_shift), rtol=1e-4, atol=1e-5)
+    calls = []
+    patched.norm.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
+    assert_same_function(model, patched, x)
+    assert calls == [1]
+
+
 def diffusers_block():
     resnet = pytest.importorskip("diffusers.models.resnet")
     return resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, down=True,
                                 time_embedding_norm="scale_shift")
 
 
-@pytest.mark.parametrize("make_block", [diffusers_block, lambda: UNetBlock(8, 16, 12, down=True, attention=True)],
-                         ids=["diffusers", "edm"])
-def test_a_patched_block_compiles_without_graph_breaks(make_block):
+@pytest.mark.parametrize("make_block,second_input", [
+    (diffusers_block, lambda: torch.randn(2, 12)),
+    (lambda: UNetBlock(8, 16, 12, down=True, attention=True), lambda: torch.randn(2, 12)),
+    (lambda: Block(8, 16), lambda: torch.randn(2, 32, 1, 1).chunk(2, dim=1))], ids=["diffusers", "edm", "conv_block"])
+def test_a_patched_block_compiles_without_graph_breaks(make_block, second_input):
     block = randomized(make_block())
     patched = copy.deepcopy(block)
     assert [r.name for r in patch_model(patched)] == ["forward"]
-    x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    x, second = torch.randn(2, 8, 8, 8), second_input()
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True)
-    torch.testing.assert_close(compiled(x, temb), block(x, temb), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x, second), block(x, second), rtol=1e-4, atol=1e-4)
