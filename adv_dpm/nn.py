@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .ops.checks import per_sample
 from .ops.group_norm_act import ACTS, group_norm_act
 
 
@@ -177,14 +178,6 @@ def _edm_attention(self, x):
     return (self.proj(out) + x) * self.skip_scale
 
 
-def _per_sample(t, n, c, dim):
-    """``t`` of shape (n, c, 1, ...) with ``dim`` dims as an (n, c) view, or None."""
-    if isinstance(t, torch.Tensor) and t.dim() == dim and tuple(t.shape[:2]) == (n, c) \
-            and all(s == 1 for s in t.shape[2:]):
-        return t.reshape(n, c)
-    return None
-
-
 def _conv_block_forward(self, x, scale_shift=None):
     """denoising-diffusion-pytorch's Block.forward, convolution -> GroupNorm -> x * (scale + 1) +
     shift -> SiLU, with all but the convolution as one fused call (the block's own forward while
@@ -192,7 +185,7 @@ def _conv_block_forward(self, x, scale_shift=None):
     scale = shift = None
     if scale_shift is not None:
         pair = tuple(scale_shift)
-        scale, shift = (_per_sample(t, x.shape[0], self.norm.num_channels, x.dim()) for t in pair) \
+        scale, shift = (per_sample(t, (x.shape[0], self.norm.num_channels), x.dim()) for t in pair) \
             if len(pair) == 2 else (None, None)
     if _hooked(self.norm) or _hooked(self.act) or (scale_shift is not None and (scale is None or shift is None)):
         return type(self).forward(self, x, scale_shift)

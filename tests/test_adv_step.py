@@ -253,3 +253,12 @@ def test_outputs_never_require_grad():
     step = adv_step_inject(x_t.requires_grad_(), eps, c_noise.requires_grad_(), delta, grad, lr, radius)
     assert not any(t.requires_grad for t in step)
     assert not any(t.requires_grad for t in adv_step(delta.requires_grad_(), grad, lr, radius))
+
+
+def test_c_noise_in_the_shape_that_broadcasts_against_delta():
+    x_t, eps, delta, grad = (torch.randn(3, 2, 4, 4) for _ in range(4))
+    c_noise = torch.rand(3) + 0.1
+    flat = adv_step_inject(x_t, eps, c_noise, delta, grad, lr=0.1, radius=1.0)
+    broadcast = adv_step_inject(x_t, eps, c_noise.reshape(3, 1, 1, 1), delta, grad, lr=0.1, radius=1.0)
+    for a, b in zip(broadcast, flat):
+        torch.testing.assert_close(a, b)

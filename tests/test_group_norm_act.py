@@ -282,7 +282,7 @@ def test_strides_the_kernels_cannot_take_fall_back_to_the_reference():
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(num_groups=5), ValueError, r"num_groups must be a positive divisor of the channel count C=32, got 5"),
-    (dict(scale=torch.randn(4, 16)), ValueError, r"scale must have shape \(4, 32\) \(\(N, C\)\), got \(4, 16\)"),
+    (dict(scale=torch.randn(4, 16)), ValueError, r"scale must have shape \(4, 32\) \(\(N, C\), or .*\), got \(4, 16\)"),
     (dict(weight=torch.randn(31)), ValueError, r"weight must have shape \(32,\)"),
     (dict(bias=torch.ones(32, dtype=torch.int64)), TypeError, r"bias must be a floating-point tensor"),
     (dict(shift=torch.randn(4, 32, device="meta")), ValueError, r"shift must be on the device of x"),
@@ -296,3 +296,15 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         group_norm_act(**args)
+
+
+def test_scale_and_shift_in_the_shape_that_broadcasts_against_x():
+    """The halves of ADM's emb_out[..., None, None], (N, C, 1, 1), go in as they are."""
+    x = torch.randn(2, 8, 4, 4)
+    emb = torch.randn(2, 16, 1, 1, requires_grad=True)
+    scale, shift = emb.chunk(2, dim=1)
+    y = group_norm_act(x, None, None, 4, scale=scale, shift=shift)
+    expected = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4) * (1 + scale) + shift)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, emb, g)[0], torch.autograd.grad(expected, emb, g)[0])

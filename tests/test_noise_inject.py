@@ -184,3 +184,15 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         noise_inject(**args)
+
+
+def test_coefficients_in_the_shape_that_broadcasts_against_x0():
+    """Per-sample coefficients kept as (B, 1, 1, 1), as trainers keep them for x0 * c, go in as they are."""
+    x0, eps = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    c_signal, c_noise = torch.rand(3, 1, 1, 1, requires_grad=True), torch.rand(3, 1, 1, 1, requires_grad=True)
+    x_t, target = noise_inject(x0, eps, c_signal, c_noise, target="original")
+    torch.testing.assert_close(x_t, c_signal * x0 + c_noise * eps)
+    torch.testing.assert_close(target, eps)
+    g = torch.randn_like(x_t)
+    grads = torch.autograd.grad(x_t, [c_signal, c_noise], g)
+    torch.testing.assert_close(grads, torch.autograd.grad(c_signal * x0 + c_noise * eps, [c_signal, c_noise], g))

@@ -129,8 +129,9 @@ def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, gr
     ``x_t`` is the clean noisy input, ``grad`` the loss gradient w.r.t. the previous perturbed
     input. With target='delta' the target depends on delta too: pass its gradient as
     ``grad_target`` and the ascent uses grad + grad_target / c_noise (= dLoss/d delta).
-    ``grad_scale`` as in ``adv_step``.
+    ``c_noise``: (B,) or (B, 1, ..., 1). ``grad_scale`` as in ``adv_step``.
     """
+    c_noise = checks.flat_per_sample(c_noise, delta)
     with torch.no_grad():
         return AdvStepInject(*backend.call(adv_step_inject_op, _adv_step_inject, None, x_t, eps, c_noise, delta, grad,
                                            lr, radius, target, grad_target,

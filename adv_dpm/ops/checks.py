@@ -41,12 +41,29 @@ def coefficients(op, name, c, ref):
     if not isinstance(c, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor of shape ({ref.shape[0]},), got {type(c).__name__}")
     if c.shape != (ref.shape[0],):
-        raise ValueError(f"{op}: {name} must have shape (B,) = ({ref.shape[0]},), one value per sample, "
-                         f"got {tuple(c.shape)}")
+        raise ValueError(f"{op}: {name} must have shape (B,) = ({ref.shape[0]},), or (B, 1, ..., 1) of the data's "
+                         f"rank: one value per sample; got {tuple(c.shape)}")
     if not c.is_floating_point():
         raise TypeError(f"{op}: {name} must be floating point, got {c.dtype}")
     if c.device != ref.device:
         raise ValueError(f"{op}: {name} must be on the device of the inputs ({ref.device}), got {c.device}")
+
+
+def per_sample(t, lead, ndim):
+    """``t`` viewed as ``lead`` (such as (B,) or (N, C)) where it holds per-sample values in the
+    shape that broadcasts against data of ``ndim`` dims, (*lead, 1, ..., 1), as trainers keep
+    them; None for anything else."""
+    if isinstance(t, torch.Tensor) and t.dim() == ndim >= len(lead) and tuple(t.shape[:len(lead)]) == tuple(lead) \
+            and all(s == 1 for s in t.shape[len(lead):]):
+        return t.reshape(lead)
+    return None
+
+
+def flat_per_sample(t, data, lead_dims=1):
+    """``t`` as the ops take it, (B,) (``lead_dims`` 2: (N, C)), where it is in the broadcasting
+    shape (B, 1, ..., 1) of ``data``'s rank; anything else unchanged, for the op's checks to judge."""
+    view = per_sample(t, data.shape[:lead_dims], data.dim()) if isinstance(data, torch.Tensor) else None
+    return t if view is None else view
 
 
 def non_negative(op, name, value, allow_inf=False):

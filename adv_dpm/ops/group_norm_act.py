@@ -39,8 +39,8 @@ def _check(x, weight, bias, num_groups, eps, scale, shift, act):
             raise TypeError(f"{OP}: {name} must be a floating-point tensor of shape {shape}, got "
                             f"{getattr(p, 'dtype', type(p).__name__)}")
         if p.shape != shape:
-            raise ValueError(f"{OP}: {name} must have shape {shape} ({'(C,)' if len(shape) == 1 else '(N, C)'}), "
-                             f"got {tuple(p.shape)}")
+            expected = "(C,)" if len(shape) == 1 else "(N, C), or (N, C, 1, ..., 1) of x's rank"
+            raise ValueError(f"{OP}: {name} must have shape {shape} ({expected}), got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{OP}: {name} must be on the device of x ({x.device}), got {p.device}")
     return _act_code(act)
@@ -145,10 +145,12 @@ def _differentiable(x, weight, bias, num_groups, eps, scale, shift, act):
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float = 1e-5,
                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                    act: Optional[str] = "silu") -> Tensor:
-    """act(GroupNorm(x) * (1 + scale) + shift) for x (N, C, *spatial); scale, shift (N, C).
+    """act(GroupNorm(x) * (1 + scale) + shift) for x (N, C, *spatial); scale, shift (N, C) or
+    (N, C, 1, ..., 1) (the shape that broadcasts against x).
 
     Statistics in fp32, output in x's dtype; weight/bias (C,) may be fp32 while x is fp16/bf16.
     NCHW and channels_last x (and gradients of either layout) run without copies.
     """
+    scale, shift = checks.flat_per_sample(scale, x, 2), checks.flat_per_sample(shift, x, 2)
     return backend.call(group_norm_act_op, _group_norm_act, _differentiable, x, weight, bias, num_groups, eps, scale,
                         shift, act)[0]

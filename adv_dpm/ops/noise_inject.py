@@ -105,10 +105,12 @@ def _differentiable(x0, eps, c_signal, c_noise, delta, target):
 
 def noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
                  target: str = "delta_detach") -> tuple[Tensor, Tensor]:
-    """(x_t, target): x_t = c_signal * x0 + c_noise * eps (+ delta), per-sample (B,) coefficients.
+    """(x_t, target): x_t = c_signal * x0 + c_noise * eps (+ delta), per-sample coefficients of
+    shape (B,) or (B, 1, ..., 1) (the shape that broadcasts against x0).
 
     ``target`` is the regression target of PAPER.md: 'original' (eps), 'delta' (eps + delta /
     c_noise, gradient flows through delta) or 'delta_detach' (the same value, delta detached).
     Differentiable in every tensor argument.
     """
+    c_signal, c_noise = checks.flat_per_sample(c_signal, x0), checks.flat_per_sample(c_noise, x0)
     return backend.call(noise_inject_op, _noise_inject, _differentiable, x0, eps, c_signal, c_noise, delta, target)
