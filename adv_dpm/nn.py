@@ -237,7 +237,7 @@ def _fused_norm_equivalent(m):
                 fused = GroupNormAct.replacing(m, act)
                 if all(_close(fused(ref_x), ref) for ref_x, ref in zip((x, x.bfloat16()), refs)):
                     return fused
-    except Exception:  # noqa: BLE001 (any failure means "not a GroupNorm")
+    except Exception:  # noqa: BLE001 (any failure means "not equivalent")
         return None
     return None
 
@@ -364,8 +364,8 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       EDM's UNetBlock (both GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale
       embedding folded in), and the conv -> GN -> scale/shift -> SiLU Block of
       denoising-diffusion-pytorch (and the many UNets written after it) get that method with
-      fused calls, where a probe shows the block's
-      own method computes the same; otherwise the block is left as is, with a warning.
+      fused calls, where a probe shows the block's own method computes the same; otherwise
+      the block is left as is, with a warning.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.
