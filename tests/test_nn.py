@@ -264,6 +264,41 @@ def test_hooks_added_after_patching_still_run():
     assert len(calls) == 2
 
 
+class Recompute(torch.autograd.Function):
+    """ADM's gradient checkpointing (use_checkpoint): the block runs without a graph, and again
+    inside the backward, whose own autograd.grad then differentiates the fused ops."""
+
+    @staticmethod
+    def forward(ctx, run, n_inputs, *args):
+        ctx.run, ctx.inputs, ctx.params = run, args[:n_inputs], args[n_inputs:]
+        with torch.no_grad():
+            return run(*ctx.inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [x.detach().requires_grad_() for x in ctx.inputs]
+        with torch.enable_grad():
+            out = ctx.run(*[x.view_as(x) for x in inputs])
+        grads = torch.autograd.grad(out, inputs + list(ctx.params), grad_out, allow_unused=True)
+        return (None, None, *grads)
+
+
+class CheckpointedResBlock(ResBlock):
+    def forward(self, x, emb):
+        return Recompute.apply(self._forward, 2, x, emb, *self.parameters())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_patched_block_under_adms_gradient_checkpointing(memory_format):
+    model = randomized(CheckpointedResBlock(16, 32, 16, True, down=True))
+    patched = copy.deepcopy(model)
+    assert "_forward" in {r.name for r in patch_model(patched)}
+    x = torch.randn(2, 16, 8, 8).to(memory_format=memory_format).requires_grad_()
+    emb = torch.randn(2, 32)
+    assert_same_outputs_and_gradients(model(x, emb), patched(x, emb), model, patched, out_tol=(1e-4, 1e-5),
+                                      grad_tol=(1e-4, 1e-4))
+
+
 # consistency models' blocks (openai/consistency_models, cm/nn.py and cm/unet.py): ADM's layout, with
 # a GroupNorm32 that applies its SiLU itself (swish=1.0) where ADM has GroupNorm32 -> SiLU.
 class SwishGroupNorm32(nn.GroupNorm):
