@@ -17,7 +17,8 @@ class GroupNormAct(nn.GroupNorm):
     """nn.GroupNorm followed by SiLU (or nothing, ``act=None``), in one fused op.
 
     ``forward(x, scale=None, shift=None)`` computes act(GN(x) * (1 + scale) + shift) with
-    per-sample (N, C) scale and shift, the timestep conditioning of ADM's scale-shift norm.
+    per-sample scale and shift, (N, C) or (N, C, 1, 1): the timestep conditioning of ADM's
+    scale-shift norm.
     Statistics in fp32, output in x's dtype (as ADM's GroupNorm32). Same parameters and
     state_dict keys as nn.GroupNorm.
     """
