@@ -38,7 +38,7 @@ def group_norm_oracle(x, weight, bias, groups, eps, scale, shift, act):
     return reference.group_norm_act(x, weight, bias, scale, shift, groups, eps, int(act == "silu"))[0]
 
 
-def group_norm_config(seed, limit):
+def group_norm_config(seed, limit, device):
     """(x, weight, bias, groups, eps, scale, shift, act), an upstream gradient, and a description.
     Groups of one element are left out: their exact input gradient is 0, which no float32 budget
     relative to it can hold (rounding times rstd = eps^-1/2)."""
@@ -54,14 +54,15 @@ def group_norm_config(seed, limit):
     pdtype = rng.choice([torch.float32, dtype])
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x = relayout((rng.choice([0.0, -2.3, 100.0]) + rand(shape)).to(dtype), layouts[0])
+    x = relayout((rng.choice([0.0, -2.3, 100.0]) + rand(shape)).to(device, dtype), layouts[0])
     n, c = shape[:2]
-    weight, bias = ((1 + 0.3 * rand(c)).to(pdtype), (0.3 * rand(c)).to(pdtype)) if "wb" in params else (None, None)
+    weight, bias = ((1 + 0.3 * rand(c)).to(device, pdtype), (0.3 * rand(c)).to(device, pdtype)) if "wb" in params \
+        else (None, None)
     scale = shift = None
     if "ss" in params.lower():
-        emb = (0.5 * rand(n, 2 * c)).to(pdtype)
+        emb = (0.5 * rand(n, 2 * c)).to(device, pdtype)
         scale, shift = emb.chunk(2, dim=1) if "ss" in params else (emb[:, :c].contiguous(), emb[:, c:].contiguous())
-    grad_y = relayout(rand(shape).to(dtype), layouts[1])
+    grad_y = relayout(rand(shape).to(device, dtype), layouts[1])
     return (x, weight, bias, groups, 1e-5, scale, shift, act), grad_y, (
         f"{shape} groups={groups} {dtype} layouts={layouts} params={params!r} in {pdtype} act={act}")
 
@@ -69,7 +70,7 @@ def group_norm_config(seed, limit):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_group_norm_act(kernel_pair, seed):
     require_pair(kernel_pair, "group_norm_act")
-    args, grad_y, described = group_norm_config(seed, max_numel(kernel_pair))
+    args, grad_y, described = group_norm_config(seed, max_numel(kernel_pair), kernel_pair[0])
     ref = value_and_grads(group_norm_oracle, [a.double() if isinstance(a, torch.Tensor) else a for a in args], grad_y)
     same_dtype = value_and_grads(eager.group_norm_act, args, grad_y)
     with use_pair(kernel_pair):
@@ -85,7 +86,7 @@ def test_group_norm_act(kernel_pair, seed):
 EMULATED_DEVICES = [(132, True), (108, False), (16, True)]
 
 
-def adv_step_config(seed, limit):
+def adv_step_config(seed, limit, device):
     """adv_step_inject's arguments (x_t, eps, c_noise, delta, grad, lr, radius, target,
     grad_target), whether to call the plain adv_step instead, an emulated device, a description.
     Sample sizes around the CUDA and Triton plans' bounds (2048, 16384 elements)."""
@@ -113,13 +114,14 @@ def adv_step_config(seed, limit):
     non_finite = batch > 1 and rng.random() < 0.3
     if non_finite:
         grad[(1,) + (0,) * (grad.dim() - 1)] = rng.choice([math.inf, math.nan])   # that sample is skipped
-    delta, grad, x_t, eps = (relayout(t.to(dtype), layout) for t, layout in zip((delta, grad, rand(), rand()), layouts))
-    c_noise = (0.1 + 0.9 * torch.rand(batch, generator=g, dtype=torch.float64)).float()
-    grad_target = (0.3 * rand()).to(dtype) if target == "delta" and not plain else None
+    delta, grad, x_t, eps = (relayout(t.to(device, dtype), layout)
+                             for t, layout in zip((delta, grad, rand(), rand()), layouts))
+    c_noise = (0.1 + 0.9 * torch.rand(batch, generator=g, dtype=torch.float64)).to(device, torch.float32)
+    grad_target = (0.3 * rand()).to(device, dtype) if target == "delta" and not plain else None
     d = math.prod(shape[1:])
     lr, radius = 0.01 * math.sqrt(d), rng.choice([0.0, 0.5, 2.0, math.inf]) * 0.01 * math.sqrt(d)
-    device = rng.choice(EMULATED_DEVICES)
-    return (x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target), plain, device, (
+    emulated = rng.choice(EMULATED_DEVICES)
+    return (x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target), plain, emulated, (
         f"{shape} {dtype} layouts={layouts} {'adv_step' if plain else f'target={target}'} radius={radius:.3g}"
         f"{' a non-finite gradient' if non_finite else ''}")
 
@@ -127,9 +129,9 @@ def adv_step_config(seed, limit):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_adv_step(kernel_pair, seed):
     require_pair(kernel_pair, "adv_step")
-    (x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target), plain, device, described = adv_step_config(
-        seed, max_numel(kernel_pair))
-    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    (x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target), plain, emulated, described = adv_step_config(
+        seed, max_numel(kernel_pair), kernel_pair[0])
+    as64 = lambda t: None if t is None else t.double().cpu()  # noqa: E731
     if plain:
         ref = reference.adv_step(as64(delta), as64(grad), None, None, None, None, lr, radius, None, 0)
         same_dtype = eager.adv_step(delta, grad, lr, radius)
@@ -142,9 +144,9 @@ def test_adv_step(kernel_pair, seed):
         same_dtype = eager.adv_step_inject(x_t, eps, c_noise, delta, folded, lr, radius, target)
         names = ["delta", "x_adv", "target"]
     if kernel_pair == EMULATED_CUDA:
-        described += f" on an emulated device of {device[0]} SMs {'with' if device[1] else 'without'} clusters"
+        described += f" on an emulated device of {emulated[0]} SMs {'with' if emulated[1] else 'without'} clusters"
         module = emulated_cuda_module()
-        default = module.set_device(*device)
+        default = module.set_device(*emulated)
     try:
         with use_pair(kernel_pair):
             out = (adv_step(delta, grad, lr, radius) if plain
