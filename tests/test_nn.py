@@ -1,4 +1,5 @@
-"""GroupNormAct as a drop-in, and patch_model on an ADM-style UNet piece: same outputs and gradients."""
+"""GroupNormAct as a drop-in, and patch_model on the blocks of ADM, consistency models, diffusers, EDM and
+denoising-diffusion-pytorch: same outputs and gradients."""
 import copy
 import io
 from unittest import mock
