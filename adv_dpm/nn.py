@@ -193,6 +193,35 @@ def _conv_block_forward(self, x, scale_shift=None):
     return _norm_silu(self.norm, self.proj(x), scale, shift)
 
 
+def _ddpm_forward(self, x, temb):
+    """DDPM's ResnetBlock.forward (as latent-diffusion's and Stable Diffusion's autoencoder write
+    it) with both GroupNorm -> SiLU pairs as fused calls (the block's own forward while a hook
+    sits on a norm)."""
+    if _hooked(self.norm1) or _hooked(self.norm2):
+        return type(self).forward(self, x, temb)
+    h = self.conv1(_norm_silu(self.norm1, x))
+    if temb is not None:
+        h = h + self.temb_proj(torch.nn.functional.silu(temb))[:, :, None, None]
+    h = self.conv2(self.dropout(_norm_silu(self.norm2, h)))
+    if self.in_channels != self.out_channels:
+        x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+    return x + h
+
+
+def _ddpmpp_forward(self, x, temb=None):
+    """score_sde's ResnetBlockDDPMpp.forward (DDPM++) with both GroupNorm -> SiLU pairs as fused
+    calls (the block's own forward while a hook sits on a norm or its SiLU)."""
+    if _hooked(self.GroupNorm_0) or _hooked(self.GroupNorm_1) or _hooked(self.act):
+        return type(self).forward(self, x, temb)
+    h = self.Conv_0(_norm_silu(self.GroupNorm_0, x))
+    if temb is not None:
+        h = h + self.Dense_0(self.act(temb))[:, :, None, None]
+    h = self.Conv_1(self.Dropout_0(_norm_silu(self.GroupNorm_1, h)))
+    if x.shape[1] != self.out_ch:
+        x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
+    return (x + h) / 2 ** 0.5 if self.skip_rescale else x + h
+
+
 def _close(out, ref):
     """Whether a probe's output matches the original's (dtype, shape, values within the dtype's rounding)."""
     if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)) or out.dtype != ref.dtype \
@@ -294,6 +323,35 @@ def _edm_probe_inputs(m, gen):
     return _randn((2, m.in_channels, 8, 8), like, gen), _randn((2, m.emb_channels), like, gen)
 
 
+def _is_ddpm_block(m):
+    """Laid out as DDPM's ResnetBlock (norm1, conv1, temb_proj if a time embedding, norm2, dropout,
+    conv2, conv_shortcut or nin_shortcut; in_channels, out_channels, use_conv_shortcut)."""
+    return all(isinstance(getattr(m, key, None), nn.Module) and _is_plain_norm(getattr(m, key))
+               for key in ("norm1", "norm2")) and not hasattr(m, "time_embedding_norm") and all(
+        hasattr(m, key) for key in ("conv1", "dropout", "conv2", "in_channels", "out_channels", "use_conv_shortcut"))
+
+
+def _ddpm_probe_inputs(m, gen):
+    x = _randn((2, m.in_channels, 8, 8), m.conv1.weight, gen)
+    proj = getattr(m, "temb_proj", None)
+    return x, None if proj is None else _randn((2, proj.in_features), proj.weight, gen)
+
+
+def _is_ddpmpp_block(m):
+    """Laid out as score_sde's ResnetBlockDDPMpp (GroupNorm_0, Conv_0, Dense_0 if a time
+    embedding, GroupNorm_1, Dropout_0, Conv_1, Conv_2 or NIN_0, act = SiLU; out_ch, conv_shortcut,
+    skip_rescale)."""
+    return all(isinstance(getattr(m, key, None), nn.Module) and _is_plain_norm(getattr(m, key))
+               for key in ("GroupNorm_0", "GroupNorm_1")) and _is_silu(getattr(m, "act", None)) and all(
+        hasattr(m, key) for key in ("Conv_0", "Dropout_0", "Conv_1", "out_ch", "conv_shortcut", "skip_rescale"))
+
+
+def _ddpmpp_probe_inputs(m, gen):
+    x = _randn((2, m.GroupNorm_0.num_channels, 8, 8), m.Conv_0.weight, gen)
+    dense = getattr(m, "Dense_0", None)
+    return x, None if dense is None else _randn((2, dense.in_features), dense.weight, gen)
+
+
 def _is_conv_block(m):
     """Laid out as denoising-diffusion-pytorch's Block: proj (a convolution), norm (GroupNorm), act
     (SiLU) and nothing else, ``forward(x, scale_shift=None)``."""
@@ -323,7 +381,10 @@ _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_b
                   _diffusers_probe_inputs),
            _Block("EDM's UNetBlock.forward", "forward", _edm_forward, _is_edm_block, _edm_probe_inputs),
            _Block("denoising-diffusion-pytorch's Block.forward", "forward", _conv_block_forward, _is_conv_block,
-                  _conv_block_probe_inputs))
+                  _conv_block_probe_inputs),
+           _Block("DDPM's ResnetBlock.forward", "forward", _ddpm_forward, _is_ddpm_block, _ddpm_probe_inputs),
+           _Block("score_sde's ResnetBlockDDPMpp.forward", "forward", _ddpmpp_forward, _is_ddpmpp_block,
+                  _ddpmpp_probe_inputs))
 
 
 def _patched(m, block):
@@ -360,13 +421,14 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       parameterless SiLU classes of other libraries become nn.SiLU (checked likewise);
     - nn.Sequentials with a GroupNorm directly followed by SiLU become FusedSequential, which
       runs the pair as one call when the Sequential is called as a whole (its modules stay);
-    - residual blocks laid out as ADM's ResBlock with ``use_scale_shift_norm`` (the
-      GN * (1 + scale) + shift -> SiLU tail of ``_forward``), as diffusers' ResnetBlock2D or as
-      EDM's UNetBlock (both GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale
-      embedding folded in), and the conv -> GN -> scale/shift -> SiLU Block of
-      denoising-diffusion-pytorch (and the many UNets written after it) get that method with
-      fused calls, where a probe shows the block's own method computes the same; otherwise
-      the block is left as is, with a warning.
+    - residual blocks get their method with fused calls where a probe shows the block's own
+      method computes the same (else the block stays as it is, with a warning), when laid out as
+      one of ``_BLOCKS``: ADM's ResBlock with ``use_scale_shift_norm`` (the GN * (1 + scale) +
+      shift -> SiLU tail of ``_forward``), diffusers' ResnetBlock2D and EDM's UNetBlock (both
+      GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale embedding folded in),
+      DDPM's ResnetBlock (latent-diffusion's, Stable Diffusion's autoencoder's) and score_sde's
+      ResnetBlockDDPMpp (both pairs), and denoising-diffusion-pytorch's conv -> GN ->
+      scale/shift -> SiLU Block.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.

@@ -669,6 +669,118 @@ def test_conv_blocks_that_compute_something_else_or_get_other_scales_keep_their_
     assert calls == [1]
 
 
+# DDPM's ResnetBlock as latent-diffusion writes it (its UNet's autoencoder, Stable Diffusion's VAE:
+# a module-level swish), and score_sde's ResnetBlockDDPMpp (DDPM++; NIN is its 1x1 projection).
+def nonlinearity(x):
+    return x * torch.sigmoid(x)
+
+
+class DDPMResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, temb_channels, conv_shortcut=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.use_conv_shortcut = in_channels, out_channels, conv_shortcut
+        self.norm1 = nn.GroupNorm(4, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(4, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(0.1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, temb):
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        if temb is not None:
+            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        return x + h
+
+
+class ResnetBlockDDPMpp(nn.Module):
+    def __init__(self, act, in_ch, out_ch=None, temb_dim=None, conv_shortcut=False, skip_rescale=False):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.GroupNorm_0 = nn.GroupNorm(min(in_ch // 4, 32), in_ch, eps=1e-6)
+        self.Conv_0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        if temb_dim is not None:
+            self.Dense_0 = nn.Linear(temb_dim, out_ch)
+        self.GroupNorm_1 = nn.GroupNorm(min(out_ch // 4, 32), out_ch, eps=1e-6)
+        self.Dropout_0 = nn.Dropout(0.1)
+        self.Conv_1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            if conv_shortcut:
+                self.Conv_2 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+            else:
+                self.NIN_0 = nn.Conv2d(in_ch, out_ch, 1)
+        self.skip_rescale, self.act, self.out_ch, self.conv_shortcut = skip_rescale, act, out_ch, conv_shortcut
+
+    def forward(self, x, temb=None):
+        h = self.Conv_0(self.act(self.GroupNorm_0(x)))
+        if temb is not None:
+            h += self.Dense_0(self.act(temb))[:, :, None, None]
+        h = self.Conv_1(self.Dropout_0(self.act(self.GroupNorm_1(h))))
+        if x.shape[1] != self.out_ch:
+            x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
+        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+
+
+class TinyDDPMNet(nn.Module):
+    """DDPM's and DDPM++'s blocks chained, with and without a time embedding and shortcuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([
+            DDPMResnetBlock(8, 16, 12), DDPMResnetBlock(16, 16, 12, conv_shortcut=True),
+            ResnetBlockDDPMpp(nn.SiLU(), 16, 24, 12), ResnetBlockDDPMpp(nn.SiLU(), 24, 16, 12, conv_shortcut=True,
+                                                                       skip_rescale=True)])
+        self.decoder = nn.ModuleList([DDPMResnetBlock(16, 8, 0), ResnetBlockDDPMpp(nn.SiLU(), 8, 8)])  # no temb
+
+    def forward(self, x, temb):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        for block in self.decoder:
+            h = block(h, None)
+        return h
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_patched_ddpm_blocks_give_the_same_outputs_and_gradients(memory_format):
+    model = randomized(TinyDDPMNet()).eval()   # eval: dropout off in both
+    patched = copy.deepcopy(model)
+    assert sorted(r.name for r in patch_model(patched)) == [
+        *(f"blocks.{i}.forward" for i in range(4)), "decoder.0.forward", "decoder.1.forward"]
+    x, temb = torch.randn(2, 3, 8, 8).to(memory_format=memory_format), torch.randn(2, 12)
+    out_ref = model(x, temb)
+    with mock.patch.object(nn.GroupNorm, "forward", side_effect=AssertionError("an unfused GroupNorm ran")):
+        out = patched(x, temb)
+    assert_same_outputs_and_gradients(out_ref, out, model, patched, out_tol=(1e-4, 1e-5), grad_tol=(1e-4, 1e-4))
+
+
+def test_ddpm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forward():
+    class Rescaled(DDPMResnetBlock):   # a fork whose forward differs
+        def forward(self, x, temb):
+            return super().forward(x, temb) / 2
+
+    forked = randomized(Rescaled(8, 8, 12))
+    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from DDPM's ResnetBlock.forward"):
+        assert patch_model(forked) == []
+    model = randomized(ResnetBlockDDPMpp(nn.SiLU(), 8, 16, 12)).eval()
+    patched = copy.deepcopy(model)
+    assert [r.name for r in patch_model(patched)] == ["forward"]
+    calls = []
+    patched.act.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
+    assert_same_function(model, patched, torch.randn(2, 8, 6, 6), torch.randn(2, 12))
+    assert len(calls) == 3   # the block's two norms and its time embedding
+
+
 def diffusers_block():
     resnet = pytest.importorskip("diffusers.models.resnet")
     return resnet.ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, down=True,
