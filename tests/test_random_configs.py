@@ -1,4 +1,4 @@
-"""Seeded random configurations of the fused ops on every kernel backend against the float64
+"""Seeded random configurations of the three fused ops on every kernel backend against the float64
 oracle: shapes, layouts, dtypes and optional arguments in combinations that the curated cases of
 each op's tests do not list (and, for the emulated CUDA adv_step, devices with and without thread
 block clusters, so that random cluster sizes run)."""
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from adv_dpm.ops import adv_step, adv_step_inject, eager, group_norm_act, reference
+from adv_dpm.ops import adv_step, adv_step_inject, eager, group_norm_act, noise_inject, reference
 from conftest import (EMULATED_CUDA, PAIRS, _pair_params, assert_within_budget, emulated_cuda_module, relayout,
                       require_pair, use_pair)
 
@@ -35,11 +35,15 @@ def require(pair, op, seed):
         pytest.skip("Triton on the GPU: the first 8 seeds (each new configuration compiles its kernels)")
 
 
-def value_and_grads(fn, args, grad_y):
-    """fn(*args) on fresh leaves of the tensor arguments, and its gradients for them given grad_y."""
-    args = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    y = fn(*args)
-    return y.detach(), torch.autograd.grad(y, [a for a in args if isinstance(a, torch.Tensor)], grad_y.to(y.dtype))
+def value_and_grads(fn, args, grads_out):
+    """The outputs of fn(*args) on fresh leaves of the tensor arguments (detached aliases: their
+    strides kept), and the arguments' gradients given ``grads_out``, one per output."""
+    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    outputs = fn(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = torch.autograd.grad(outputs, [a for a in args if isinstance(a, torch.Tensor)],
+                                [g.to(o.dtype) for o, g in zip(outputs, grads_out)])
+    return [o.detach() for o in outputs], grads
 
 
 def group_norm_oracle(x, weight, bias, groups, eps, scale, shift, act):
@@ -79,14 +83,60 @@ def group_norm_config(seed, limit, device):
 def test_group_norm_act(kernel_pair, seed):
     require(kernel_pair, "group_norm_act", seed)
     args, grad_y, described = group_norm_config(seed, max_numel(kernel_pair), kernel_pair[0])
-    ref = value_and_grads(group_norm_oracle, [a.double() if isinstance(a, torch.Tensor) else a for a in args], grad_y)
-    same_dtype = value_and_grads(eager.group_norm_act, args, grad_y)
+    ref = value_and_grads(group_norm_oracle, [a.double() if isinstance(a, torch.Tensor) else a for a in args],
+                          [grad_y])
+    same_dtype = value_and_grads(eager.group_norm_act, args, [grad_y])
     with use_pair(kernel_pair):
-        out = value_and_grads(group_norm_act, args, grad_y)
-    assert_within_budget(f"y of {described}", out[0], ref[0], same_dtype[0])
+        out = value_and_grads(group_norm_act, args, [grad_y])
+    assert_within_budget(f"y of {described}", out[0][0], ref[0][0], same_dtype[0][0])
     for i, (got, want, eager_grad) in enumerate(zip(out[1], ref[1], same_dtype[1])):
         assert got.dtype == eager_grad.dtype, f"gradient {i} of {described}: dtype {got.dtype}"
         assert_within_budget(f"gradient {i} of {described}", got, want, eager_grad)
+
+
+def noise_inject_config(seed, limit, device):
+    """(x0, eps, c_signal, c_noise, delta, target) with the coefficients as (B,) or (B, 1, ..., 1),
+    the upstream gradients of x_t and target, the (B,) coefficients, and a description."""
+    rng = random.Random(seed)
+    while True:
+        shape = (rng.choice([1, 2, 3, 17, 70]), *[rng.choice([1, 3, 5, 8, 33]) for _ in range(rng.choice([0, 1, 2, 3]))])
+        if math.prod(shape) <= limit:
+            break
+    dtype, target, layouts = rng.choice(DTYPES), rng.choice(TARGETS), [rng.choice(LAYOUTS) for _ in range(5)]
+    with_delta, broadcast = rng.random() < 0.7, rng.random() < 0.5
+    cdtype = rng.choice([torch.float32, torch.float64, dtype])
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda: torch.randn(shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x0, eps, delta, grad_x_t, grad_target = (relayout(t.to(device, dtype), layout) for t, layout in zip(
+        (rand(), rand(), 0.05 * rand(), rand(), rand()), layouts))
+    c_signal, c_noise = (torch.rand(shape[0], generator=g, dtype=torch.float64).to(device, cdtype) * 0.9 + 0.1
+                         for _ in range(2))
+    given = [c.reshape(-1, *[1] * (len(shape) - 1)) if broadcast else c for c in (c_signal, c_noise)]
+    return (x0, eps, *given, delta if with_delta else None, target), (grad_x_t, grad_target), (c_signal, c_noise), (
+        f"{shape} {dtype} layouts={layouts} target={target} delta={with_delta} coefficients in {cdtype}"
+        f"{' as (B, 1, ..., 1)' if broadcast else ''}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_noise_inject(kernel_pair, seed):
+    require(kernel_pair, "noise_inject", seed)
+    args, grads_out, flat, described = noise_inject_config(seed, max_numel(kernel_pair), kernel_pair[0])
+    x0, eps, _, _, delta, target = args
+    mode = TARGETS.index(target)
+    ref = value_and_grads(lambda *a: reference.noise_inject(*a, mode),
+                          [None if t is None else t.double() for t in (x0, eps, *flat, delta)], grads_out)
+    same_dtype = value_and_grads(eager.noise_inject, [x0, eps, *flat, delta, target], grads_out)
+    with use_pair(kernel_pair):
+        out = value_and_grads(noise_inject, args, grads_out)
+    for name, got, want, eager_value in zip(["x_t", "target"], out[0], ref[0], same_dtype[0]):
+        assert_within_budget(f"{name} of {described}", got, want, eager_value)
+    names = ["x0", "eps", "c_signal", "c_noise", "delta"]
+    for name, got, want, eager_grad in zip(names, out[1], ref[1], same_dtype[1]):
+        assert got.shape == args[names.index(name)].shape and got.dtype == args[names.index(name)].dtype, name
+        if got.dtype == torch.float64:   # float64 coefficients' gradients: sums accumulated in float32
+            got, eager_grad = got.float(), eager_grad.float()
+        assert_within_budget(f"gradient of {name}, {described}", got.reshape(want.shape), want,
+                             eager_grad.reshape(want.shape))
 
 
 # Emulated devices for the CUDA adv_step: an H100's SM count with clusters, an A100's without, a
