@@ -368,8 +368,6 @@ cudaError_t adv_step_typed(const AdvStepParams& p, const AdvStepPlan& plan, cuda
   return launched != cudaSuccess ? launched : last;
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // An attribute of the current device; 0 where the query fails (its error cleared: no launch failed).
 int device_attribute(cudaDeviceAttr attr) {
   int device = 0, value = 0;

@@ -895,7 +895,6 @@ struct Plan {
   int64_t ws_table = 0, ws_S = 0, ws_partials = 0, ws_total = 0;  // float offsets / total
 };
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round4(int64_t a) { return (a + 3) / 4 * 4; }
 
 // Strides of size-1 dimensions do not matter: 0.

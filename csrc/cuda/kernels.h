@@ -57,6 +57,9 @@ struct CoefOut {
   DType dtype = DType::kFloat32;
 };
 
+// Ceiling of a / b (a >= 0, b > 0).
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Blocks per sample of every kernel of one call (and so the number of per-sample partial sums):
 // one 16-byte vector per thread where that fills the GPU, capped so that the grid stays within
 // about one wave of kTargetBlocks blocks. Depends on shapes only, so results are run-to-run
@@ -64,7 +67,7 @@ struct CoefOut {
 inline int64_t blocks_per_sample(int64_t B, int64_t N, DType dtype) {
   const int64_t vec = 16 / dtype_size(dtype);
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
-  int64_t nblk = (N + per_block - 1) / per_block;
+  int64_t nblk = cdiv(N, per_block);
   const int64_t rows = B < kMaxGridY ? B : kMaxGridY;
   const int64_t cap = rows > 0 ? kTargetBlocks / rows : kTargetBlocks;
   if (nblk > cap) nblk = cap;

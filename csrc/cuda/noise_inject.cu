@@ -139,7 +139,7 @@ cudaError_t backward_typed(const NoiseInjectBackwardParams& p, cudaStream_t stre
   }
   if (p.coef_grads) {
     const int64_t per_block = kThreads / 32;
-    const unsigned blocks = static_cast<unsigned>((p.shape.B + per_block - 1) / per_block);
+    const unsigned blocks = static_cast<unsigned>(cdiv(p.shape.B, per_block));
     noise_inject_coef_grads_kernel<<<blocks, kThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
