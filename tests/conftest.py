@@ -130,6 +130,24 @@ def check_autograd_in_cpp(pair, op, args):
     assert all(a.grad is not None for a in leaves if isinstance(a, torch.Tensor))
 
 
+def outputs_and_grads(fn, args, upstream):
+    """The outputs of fn(*args) on detached aliases of its tensor arguments (their strides kept),
+    and the gradients of <outputs, upstream> w.r.t. every tensor argument (None where unused);
+    ``upstream``: one tensor per output (a single tensor for a single output)."""
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    upstream = upstream if isinstance(upstream, (list, tuple)) else [upstream]
+    grads = torch.autograd.grad(outputs, [a for a in leaves if isinstance(a, torch.Tensor)],
+                                [g.to(o.dtype) for o, g in zip(outputs, upstream)], allow_unused=True)
+    return [o.detach() for o in outputs], grads
+
+
+def grads_of(fn, args, upstream):
+    """The gradients of ``outputs_and_grads``."""
+    return outputs_and_grads(fn, args, upstream)[1]
+
+
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 

@@ -4,7 +4,7 @@ import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
 from adv_dpm.ops.group_norm_act import collapse_problem
-from conftest import (ATOL, PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, is_interpreted,
+from conftest import (ATOL, PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, grads_of, is_interpreted,
                       require_pair, use_pair)
 
 OP = "group_norm_act"
@@ -102,13 +102,6 @@ def check_forward(pair, dtype, case):
 
 def ref_y(x, w, b, groups, eps, scale, shift, act):
     return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))[0]
-
-
-def grads_of(fn, args, grad_y):
-    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    y = fn(*leaves)
-    inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
-    return torch.autograd.grad(y, inputs, grad_y)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from adv_dpm.ops import eager, noise_inject, reference
-from conftest import assert_within_budget, check_autograd_in_cpp, is_interpreted, make_input, relayout, use_pair
+from conftest import (assert_within_budget, check_autograd_in_cpp, grads_of, is_interpreted, make_input, relayout,
+                      use_pair)
 
 TARGETS = ("original", "delta_detach", "delta")
 # (shape, layout of x0, layout of eps/delta, data kind, with delta, target)
@@ -62,14 +63,6 @@ def test_forward_matches_oracle(pair, dtype, case):
         assert_within_budget(name, out.cpu(), ref, base.cpu())
     if args[0].is_contiguous(memory_format=torch.channels_last) and args[0].dim() == 4:
         assert x_t.is_contiguous(memory_format=torch.channels_last), "output lost the input's layout"
-
-
-def grads_of(fn, args, upstream):
-    """Gradients of <fn(args), upstream> w.r.t. every tensor argument (None where not used)."""
-    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    outs = fn(*leaves)
-    inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
-    return torch.autograd.grad(outs, inputs, upstream, allow_unused=True)
 
 
 BACKWARD_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[4], CASES[6]]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adv_dpm.ops import adv_step, adv_step_inject, eager, group_norm_act, noise_inject, reference
-from conftest import (EMULATED_CUDA, PAIRS, _pair_params, assert_within_budget, emulated_cuda_module, relayout,
-                      require_pair, use_pair)
+from conftest import (EMULATED_CUDA, PAIRS, _pair_params, assert_within_budget, emulated_cuda_module,
+                      outputs_and_grads, relayout, require_pair, use_pair)
 
 SEEDS = range(24)
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
@@ -33,17 +33,6 @@ def require(pair, op, seed):
     require_pair(pair, op)
     if pair == ("cuda", "triton") and seed >= 8:
         pytest.skip("Triton on the GPU: the first 8 seeds (each new configuration compiles its kernels)")
-
-
-def value_and_grads(fn, args, grads_out):
-    """The outputs of fn(*args) on fresh leaves of the tensor arguments (detached aliases: their
-    strides kept), and the arguments' gradients given ``grads_out``, one per output."""
-    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    outputs = fn(*args)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = torch.autograd.grad(outputs, [a for a in args if isinstance(a, torch.Tensor)],
-                                [g.to(o.dtype) for o, g in zip(outputs, grads_out)])
-    return [o.detach() for o in outputs], grads
 
 
 def group_norm_oracle(x, weight, bias, groups, eps, scale, shift, act):
@@ -83,11 +72,11 @@ def group_norm_config(seed, limit, device):
 def test_group_norm_act(kernel_pair, seed):
     require(kernel_pair, "group_norm_act", seed)
     args, grad_y, described = group_norm_config(seed, max_numel(kernel_pair), kernel_pair[0])
-    ref = value_and_grads(group_norm_oracle, [a.double() if isinstance(a, torch.Tensor) else a for a in args],
+    ref = outputs_and_grads(group_norm_oracle, [a.double() if isinstance(a, torch.Tensor) else a for a in args],
                           [grad_y])
-    same_dtype = value_and_grads(eager.group_norm_act, args, [grad_y])
+    same_dtype = outputs_and_grads(eager.group_norm_act, args, [grad_y])
     with use_pair(kernel_pair):
-        out = value_and_grads(group_norm_act, args, [grad_y])
+        out = outputs_and_grads(group_norm_act, args, [grad_y])
     assert_within_budget(f"y of {described}", out[0][0], ref[0][0], same_dtype[0][0])
     for i, (got, want, eager_grad) in enumerate(zip(out[1], ref[1], same_dtype[1])):
         assert got.dtype == eager_grad.dtype, f"gradient {i} of {described}: dtype {got.dtype}"
@@ -99,7 +88,8 @@ def noise_inject_config(seed, limit, device):
     the upstream gradients of x_t and target, the (B,) coefficients, and a description."""
     rng = random.Random(seed)
     while True:
-        shape = (rng.choice([1, 2, 3, 17, 70]), *[rng.choice([1, 3, 5, 8, 33]) for _ in range(rng.choice([0, 1, 2, 3]))])
+        spatial = [rng.choice([1, 3, 5, 8, 33]) for _ in range(rng.choice([0, 1, 2, 3]))]
+        shape = (rng.choice([1, 2, 3, 17, 70]), *spatial)
         if math.prod(shape) <= limit:
             break
     dtype, target, layouts = rng.choice(DTYPES), rng.choice(TARGETS), [rng.choice(LAYOUTS) for _ in range(5)]
@@ -123,11 +113,11 @@ def test_noise_inject(kernel_pair, seed):
     args, grads_out, flat, described = noise_inject_config(seed, max_numel(kernel_pair), kernel_pair[0])
     x0, eps, _, _, delta, target = args
     mode = TARGETS.index(target)
-    ref = value_and_grads(lambda *a: reference.noise_inject(*a, mode),
+    ref = outputs_and_grads(lambda *a: reference.noise_inject(*a, mode),
                           [None if t is None else t.double() for t in (x0, eps, *flat, delta)], grads_out)
-    same_dtype = value_and_grads(eager.noise_inject, [x0, eps, *flat, delta, target], grads_out)
+    same_dtype = outputs_and_grads(eager.noise_inject, [x0, eps, *flat, delta, target], grads_out)
     with use_pair(kernel_pair):
-        out = value_and_grads(noise_inject, args, grads_out)
+        out = outputs_and_grads(noise_inject, args, grads_out)
     for name, got, want, eager_value in zip(["x_t", "target"], out[0], ref[0], same_dtype[0]):
         assert_within_budget(f"{name} of {described}", got, want, eager_value)
     names = ["x0", "eps", "c_signal", "c_noise", "delta"]
