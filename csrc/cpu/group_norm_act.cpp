@@ -98,13 +98,14 @@ struct Simd {
   static C10_ALWAYS_INLINE void storeu(acc* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
   static C10_ALWAYS_INLINE acc lane(const V& v, int64_t i) { return v[i]; }
 
-  // c[0] + x c[1] + x^2 c[2] + ... by Horner's rule.
-  template <size_t N>
+  // c[I] + x c[I + 1] + x^2 c[I + 2] + ... by Horner's rule, unrolled at compile time.
+  template <size_t I = 0, size_t N>
   static C10_ALWAYS_INLINE V poly(const V& x, const float (&c)[N]) {
-    V p = bcast(c[N - 1]);
-#pragma GCC unroll 8
-    for (size_t i = N - 1; i-- > 0;) p = p * x + c[i];
-    return p;
+    if constexpr (I + 1 == N) {
+      return bcast(c[I]);
+    } else {
+      return poly<I + 1>(x, c) * x + c[I];
+    }
   }
 
   // exp on every lane. float: Cephes' polynomial (about 1 ulp); below about -87.3 it flushes to
