@@ -208,18 +208,34 @@ def _ddpm_forward(self, x, temb):
     return x + h
 
 
-def _ddpmpp_forward(self, x, temb=None):
-    """score_sde's ResnetBlockDDPMpp.forward (DDPM++) with both GroupNorm -> SiLU pairs as fused
-    calls (the block's own forward while a hook sits on a norm or its SiLU)."""
+def _score_sde_forward(self, x, temb=None):
+    """score_sde's ResnetBlockDDPMpp.forward and ResnetBlockBigGANpp.forward (the block of its
+    NCSN++ and of DDPM++ as its configs build it) with both GroupNorm -> SiLU pairs as fused calls
+    (the block's own forward while a hook sits on a norm or its SiLU). BigGAN++'s resampling goes
+    through the ``up_or_down_sampling`` functions that the block's own forward calls."""
     if _hooked(self.GroupNorm_0) or _hooked(self.GroupNorm_1) or _hooked(self.act):
         return type(self).forward(self, x, temb)
-    h = self.Conv_0(_norm_silu(self.GroupNorm_0, x))
+    h = _norm_silu(self.GroupNorm_0, x)
+    resampling = getattr(self, "up", False) or getattr(self, "down", False)
+    if resampling:
+        x, h = _biggan_resample(self, x), _biggan_resample(self, h)
+    h = self.Conv_0(h)
     if temb is not None:
         h = h + self.Dense_0(self.act(temb))[:, :, None, None]
     h = self.Conv_1(self.Dropout_0(_norm_silu(self.GroupNorm_1, h)))
-    if x.shape[1] != self.out_ch:
-        x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
+    if x.shape[1] != self.out_ch or resampling:
+        x = self.Conv_2(x) if getattr(self, "conv_shortcut", True) else self.NIN_0(x)
     return (x + h) / 2 ** 0.5 if self.skip_rescale else x + h
+
+
+def _biggan_resample(self, x):
+    """x up- or downsampled by 2 as score_sde's ResnetBlockBigGANpp does it: with its FIR kernel or
+    naively, through the ``up_or_down_sampling`` module its forward refers to."""
+    ops = getattr(type(self).forward, "__globals__", {}).get("up_or_down_sampling")
+    if ops is None:
+        raise LookupError(f"the module of {type(self).__name__}.forward has no up_or_down_sampling")
+    name = "upsample_2d" if self.up else "downsample_2d"
+    return getattr(ops, name)(x, self.fir_kernel, factor=2) if self.fir else getattr(ops, f"naive_{name}")(x, factor=2)
 
 
 def _close(out, ref):
@@ -337,16 +353,17 @@ def _ddpm_probe_inputs(m, gen):
     return x, None if proj is None else _randn((2, proj.in_features), proj.weight, gen)
 
 
-def _is_ddpmpp_block(m):
-    """Laid out as score_sde's ResnetBlockDDPMpp (GroupNorm_0, Conv_0, Dense_0 if a time
-    embedding, GroupNorm_1, Dropout_0, Conv_1, Conv_2 or NIN_0, act = SiLU; out_ch, conv_shortcut,
-    skip_rescale)."""
+def _is_score_sde_block(m):
+    """Laid out as score_sde's ResnetBlockDDPMpp (GroupNorm_0, Conv_0, Dense_0 if a time embedding,
+    GroupNorm_1, Dropout_0, Conv_1, Conv_2 or NIN_0, act = SiLU; out_ch, skip_rescale,
+    conv_shortcut) or ResnetBlockBigGANpp (the same with Conv_2 alone; up, down, fir, fir_kernel)."""
     return all(isinstance(getattr(m, key, None), nn.Module) and _is_plain_norm(getattr(m, key))
                for key in ("GroupNorm_0", "GroupNorm_1")) and _is_silu(getattr(m, "act", None)) and all(
-        hasattr(m, key) for key in ("Conv_0", "Dropout_0", "Conv_1", "out_ch", "conv_shortcut", "skip_rescale"))
+        hasattr(m, key) for key in ("Conv_0", "Dropout_0", "Conv_1", "out_ch", "skip_rescale")) and (
+        hasattr(m, "conv_shortcut") or all(hasattr(m, key) for key in ("up", "down", "fir", "fir_kernel")))
 
 
-def _ddpmpp_probe_inputs(m, gen):
+def _score_sde_probe_inputs(m, gen):
     x = _randn((2, m.GroupNorm_0.num_channels, 8, 8), m.Conv_0.weight, gen)
     dense = getattr(m, "Dense_0", None)
     return x, None if dense is None else _randn((2, dense.in_features), dense.weight, gen)
@@ -383,8 +400,8 @@ _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_b
            _Block("denoising-diffusion-pytorch's Block.forward", "forward", _conv_block_forward, _is_conv_block,
                   _conv_block_probe_inputs),
            _Block("DDPM's ResnetBlock.forward", "forward", _ddpm_forward, _is_ddpm_block, _ddpm_probe_inputs),
-           _Block("score_sde's ResnetBlockDDPMpp.forward", "forward", _ddpmpp_forward, _is_ddpmpp_block,
-                  _ddpmpp_probe_inputs))
+           _Block("score_sde's ResnetBlockDDPMpp / ResnetBlockBigGANpp.forward", "forward", _score_sde_forward,
+                  _is_score_sde_block, _score_sde_probe_inputs))
 
 
 def _patched(m, block):
@@ -427,8 +444,8 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       shift -> SiLU tail of ``_forward``), diffusers' ResnetBlock2D and EDM's UNetBlock (both
       GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale embedding folded in),
       DDPM's ResnetBlock (latent-diffusion's, Stable Diffusion's autoencoder's) and score_sde's
-      ResnetBlockDDPMpp (both pairs), and denoising-diffusion-pytorch's conv -> GN ->
-      scale/shift -> SiLU Block.
+      ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), and denoising-diffusion-pytorch's
+      conv -> GN -> scale/shift -> SiLU Block.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.

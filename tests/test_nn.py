@@ -1,7 +1,8 @@
-"""GroupNormAct as a drop-in, and patch_model on the blocks of ADM, consistency models, diffusers, EDM and
-denoising-diffusion-pytorch: same outputs and gradients."""
+"""GroupNormAct as a drop-in, and patch_model on the blocks of ADM, consistency models, diffusers, EDM,
+DDPM, score_sde and denoising-diffusion-pytorch: same outputs and gradients."""
 import copy
 import io
+import types
 from unittest import mock
 
 import numpy as np
@@ -670,7 +671,8 @@ def test_conv_blocks_that_compute_something_else_or_get_other_scales_keep_their_
 
 
 # DDPM's ResnetBlock as latent-diffusion writes it (its UNet's autoencoder, Stable Diffusion's VAE:
-# a module-level swish), and score_sde's ResnetBlockDDPMpp (DDPM++; NIN is its 1x1 projection).
+# a module-level swish), and score_sde's ResnetBlockDDPMpp (NIN is its 1x1 projection) and
+# ResnetBlockBigGANpp (NCSN++ and DDPM++), which resamples through its up_or_down_sampling module.
 def nonlinearity(x):
     return x * torch.sigmoid(x)
 
@@ -730,8 +732,66 @@ class ResnetBlockDDPMpp(nn.Module):
         return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
+def fir_filter(x, kernel):
+    """x through a separable FIR kernel, channel by channel ('same' size; a stand-in for upfirdn2d)."""
+    k = torch.tensor(kernel, dtype=x.dtype)
+    k2 = (torch.outer(k, k) / k.sum() ** 2).expand(x.shape[1], 1, len(kernel), len(kernel))
+    pad = len(kernel) - 1
+    return nn.functional.conv2d(nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2), k2, groups=x.shape[1])
+
+
+up_or_down_sampling = types.SimpleNamespace(
+    naive_upsample_2d=lambda x, factor=2: nn.functional.interpolate(x, scale_factor=factor),
+    naive_downsample_2d=lambda x, factor=2: nn.functional.avg_pool2d(x, factor),
+    upsample_2d=lambda x, k, factor=2: fir_filter(nn.functional.interpolate(x, scale_factor=factor), k),
+    downsample_2d=lambda x, k, factor=2: fir_filter(x, k)[..., ::factor, ::factor])
+
+
+class ResnetBlockBigGANpp(nn.Module):
+    def __init__(self, act, in_ch, out_ch=None, temb_dim=None, up=False, down=False, dropout=0.1, fir=False,
+                 fir_kernel=(1, 3, 3, 1), skip_rescale=True):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.GroupNorm_0 = nn.GroupNorm(min(in_ch // 4, 32), in_ch, eps=1e-6)
+        self.up, self.down, self.fir, self.fir_kernel = up, down, fir, fir_kernel
+        self.Conv_0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        if temb_dim is not None:
+            self.Dense_0 = nn.Linear(temb_dim, out_ch)
+        self.GroupNorm_1 = nn.GroupNorm(min(out_ch // 4, 32), out_ch, eps=1e-6)
+        self.Dropout_0 = nn.Dropout(dropout)
+        self.Conv_1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch or up or down:
+            self.Conv_2 = nn.Conv2d(in_ch, out_ch, 1)
+        self.skip_rescale, self.act, self.in_ch, self.out_ch = skip_rescale, act, in_ch, out_ch
+
+    def forward(self, x, temb=None):
+        h = self.act(self.GroupNorm_0(x))
+        if self.up:
+            if self.fir:
+                h = up_or_down_sampling.upsample_2d(h, self.fir_kernel, factor=2)
+                x = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+            else:
+                h = up_or_down_sampling.naive_upsample_2d(h, factor=2)
+                x = up_or_down_sampling.naive_upsample_2d(x, factor=2)
+        elif self.down:
+            if self.fir:
+                h = up_or_down_sampling.downsample_2d(h, self.fir_kernel, factor=2)
+                x = up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
+            else:
+                h = up_or_down_sampling.naive_downsample_2d(h, factor=2)
+                x = up_or_down_sampling.naive_downsample_2d(x, factor=2)
+        h = self.Conv_0(h)
+        if temb is not None:
+            h += self.Dense_0(self.act(temb))[:, :, None, None]
+        h = self.Conv_1(self.Dropout_0(self.act(self.GroupNorm_1(h))))
+        if self.in_ch != self.out_ch or self.up or self.down:
+            x = self.Conv_2(x)
+        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+
+
 class TinyDDPMNet(nn.Module):
-    """DDPM's and DDPM++'s blocks chained, with and without a time embedding and shortcuts."""
+    """DDPM's, DDPM++'s and BigGAN++'s blocks chained, with and without a time embedding, shortcuts
+    and resampling (naive and FIR, up and down)."""
 
     def __init__(self):
         super().__init__()
@@ -739,8 +799,12 @@ class TinyDDPMNet(nn.Module):
         self.blocks = nn.ModuleList([
             DDPMResnetBlock(8, 16, 12), DDPMResnetBlock(16, 16, 12, conv_shortcut=True),
             ResnetBlockDDPMpp(nn.SiLU(), 16, 24, 12), ResnetBlockDDPMpp(nn.SiLU(), 24, 16, 12, conv_shortcut=True,
-                                                                       skip_rescale=True)])
-        self.decoder = nn.ModuleList([DDPMResnetBlock(16, 8, 0), ResnetBlockDDPMpp(nn.SiLU(), 8, 8)])  # no temb
+                                                                       skip_rescale=True),
+            ResnetBlockBigGANpp(nn.SiLU(), 16, 16, 12, down=True), ResnetBlockBigGANpp(nn.SiLU(), 16, 24, 12),
+            ResnetBlockBigGANpp(nn.SiLU(), 24, 16, 12, up=True, fir=True, skip_rescale=False)])
+        self.decoder = nn.ModuleList([DDPMResnetBlock(16, 8, 0), ResnetBlockDDPMpp(nn.SiLU(), 8, 8),  # no temb
+                                      ResnetBlockBigGANpp(nn.SiLU(), 8, 8, down=True, fir=True),
+                                      ResnetBlockBigGANpp(nn.SiLU(), 8, 8, up=True)])
 
     def forward(self, x, temb):
         h = self.inp(x)
@@ -756,7 +820,7 @@ def test_patched_ddpm_blocks_give_the_same_outputs_and_gradients(memory_format):
     model = randomized(TinyDDPMNet()).eval()   # eval: dropout off in both
     patched = copy.deepcopy(model)
     assert sorted(r.name for r in patch_model(patched)) == [
-        *(f"blocks.{i}.forward" for i in range(4)), "decoder.0.forward", "decoder.1.forward"]
+        *(f"blocks.{i}.forward" for i in range(7)), *(f"decoder.{i}.forward" for i in range(4))]
     x, temb = torch.randn(2, 3, 8, 8).to(memory_format=memory_format), torch.randn(2, 12)
     out_ref = model(x, temb)
     with mock.patch.object(nn.GroupNorm, "forward", side_effect=AssertionError("an unfused GroupNorm ran")):
@@ -769,9 +833,15 @@ def test_ddpm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forwa
         def forward(self, x, temb):
             return super().forward(x, temb) / 2
 
-    forked = randomized(Rescaled(8, 8, 12))
-    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from DDPM's ResnetBlock.forward"):
-        assert patch_model(forked) == []
+    class NaiveResampling(ResnetBlockBigGANpp):   # a fork that resamples without its FIR kernel
+        def forward(self, x, temb=None):
+            with mock.patch.object(self, "fir", False):
+                return super().forward(x, temb)
+
+    for forked, name in [(Rescaled(8, 8, 12), "DDPM's ResnetBlock"),
+                         (NaiveResampling(nn.SiLU(), 8, 8, 12, up=True, fir=True), "score_sde's ResnetBlockDDPMpp")]:
+        with pytest.warns(UserWarning, match=f"stay unfused: its forward differs from {name}"):
+            assert patch_model(randomized(forked)) == []
     model = randomized(ResnetBlockDDPMpp(nn.SiLU(), 8, 16, 12)).eval()
     patched = copy.deepcopy(model)
     assert [r.name for r in patch_model(patched)] == ["forward"]
@@ -790,7 +860,9 @@ def diffusers_block():
 @pytest.mark.parametrize("make_block,second_input", [
     (diffusers_block, lambda: torch.randn(2, 12)),
     (lambda: UNetBlock(8, 16, 12, down=True, attention=True), lambda: torch.randn(2, 12)),
-    (lambda: Block(8, 16), lambda: torch.randn(2, 32, 1, 1).chunk(2, dim=1))], ids=["diffusers", "edm", "conv_block"])
+    (lambda: Block(8, 16), lambda: torch.randn(2, 32, 1, 1).chunk(2, dim=1)),
+    (lambda: ResnetBlockBigGANpp(nn.SiLU(), 8, 16, 12, down=True, dropout=0.0, fir=True), lambda: torch.randn(2, 12))],
+    ids=["diffusers", "edm", "conv_block", "score_sde"])
 def test_a_patched_block_compiles_without_graph_breaks(make_block, second_input):
     block = randomized(make_block())
     patched = copy.deepcopy(block)
