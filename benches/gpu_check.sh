@@ -54,6 +54,15 @@ export ADV_DPM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" ADV_DPM_CUDA_ARCH="${ADV_DPM_CUD
 step build "$T_BUILD" bash -c "ADV_DPM_BUILD_EXT=0 '$PY' -m pip install -q --no-build-isolation --no-deps --no-index -e . &&
                                '$PY' setup.py -q build_ext --inplace" || finish
 step info 60 "$PY" -m adv_dpm.cli info
+# Extras for a machine without a network, from a wheelhouse .wheels/ carried beside the tree, made
+# where there is a network with (the device's Python version)
+#   pip download pytest-xdist diffusers --python-version 3.12 --only-binary=:all: -d .wheels
+# pytest-xdist runs the CUDA tests in 6 processes; diffusers is what bench_patch patches.
+if [ -d .wheels ]; then
+  for pkg in pytest-xdist diffusers; do
+    "$PY" -m pip install -q --no-index --find-links .wheels "$pkg" 2>&1 | tee -a "$LOG"
+  done
+fi
 workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
 step tests "$T_TESTS" env ADV_DPM_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest -q -p no:cacheprovider -m cuda \
     --durations=10 --continue-on-collection-errors $workers tests
@@ -66,10 +75,7 @@ step tune_group_norm "$T_TUNE" "$PY" benches/tune_group_norm.py --out "$OUT"
 step bench_kernels "$T_KERNELS" "$PY" benches/bench_kernels.py --out "$OUT"
 step bench_train "$T_TRAIN" "$PY" benches/bench_train.py --device cuda --out "$OUT"
 step bench_host 30 "$PY" benches/bench_host.py --device cuda --out "$OUT"
-# patch_model on diffusers' UNet2DModel. A machine without a network installs diffusers from a
-# wheelhouse .wheels/ carried beside the tree, made where there is one with
-#   pip download diffusers --python-version 3.12 --only-binary=:all: -d .wheels  (the device's Python)
-[ -d .wheels ] && "$PY" -m pip install -q --no-index --find-links .wheels diffusers 2>&1 | tee -a "$LOG"
+# patch_model on diffusers' UNet2DModel.
 if "$PY" -c "import diffusers" 2>/dev/null; then
   step bench_patch "$T_PATCH" "$PY" benches/bench_patch.py --device cuda --out "$OUT"
 else
