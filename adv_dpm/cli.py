@@ -90,7 +90,7 @@ def load_config(path):
         try:
             import yaml
         except ImportError:
-            raise SystemExit("adv-dpm: YAML configs need PyYAML (pip install pyyaml); TOML works without it")
+            raise SystemExit("adv-dpm: YAML configs need PyYAML (pip install pyyaml); TOML works without it") from None
         settings = yaml.safe_load(path.read_text()) or {}
     else:
         settings = tomllib.loads(path.read_text())

@@ -540,7 +540,7 @@ def write_report(out, p, rows, summary, comparisons, features, timings, wall, co
         for name in p["data"]:
             lines += [_statement(name, nfe, m, primary_metric(p, name) + suffix, samplers, comparisons, p)
                       for m in at_methods for nfe in p["nfes"]] + [""]
-    for name, settings in p["data"].items():
+    for name in p["data"]:
         compared = []
         for _, suffix, samplers in sections(p):
             metric = primary_metric(p, name) + suffix

@@ -4,7 +4,7 @@ import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
 from adv_dpm.ops.group_norm_act import collapse_problem
-from conftest import (ATOL, PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, grads_of, is_interpreted,
+from conftest import (PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, grads_of, is_interpreted,
                       require_pair, use_pair)
 
 OP = "group_norm_act"
