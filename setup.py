@@ -81,5 +81,5 @@ def extension():
 setup(
     ext_modules=[] if os.environ.get("ADV_DPM_BUILD_EXT", "").strip() == "0" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the stable ABI of requires-python's floor
 )

@@ -113,7 +113,7 @@ def _bindings_command(outdir: str) -> tuple[list[str] | None, str]:
     if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for d in torch_incs):
         (stub_dir / "c10/cuda/impl").mkdir(parents=True)
         (stub_dir / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [cxx, CXX_STD, "-fsyntax-only", "-Wall", "-Wextra", "-DPy_LIMITED_API=0x03090000",
+    cmd = [cxx, CXX_STD, "-fsyntax-only", "-Wall", "-Wextra", "-DPy_LIMITED_API=0x030A0000",
            "-DADV_DPM_WITH_CUDA"]
     for inc in [str(stub_dir), *torch_incs, str(cuda_inc), sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", inc]
