@@ -179,18 +179,35 @@ def _edm_attention(self, x):
     return (self.proj(out) + x) * self.skip_scale
 
 
+def _scale_shift_pair(scale_shift, x, channels):
+    """(scale, shift) of a block's scale_shift argument when it is a pair per sample and channel
+    of the norm's ``channels`` for x's batch and rank, (None, None) for None, else None."""
+    if scale_shift is None:
+        return None, None
+    pair = tuple(scale_shift)
+    if len(pair) != 2:
+        return None
+    scale, shift = (per_sample(t, (x.shape[0], channels), x.dim()) for t in pair)
+    return None if scale is None or shift is None else (scale, shift)
+
+
 def _conv_block_forward(self, x, scale_shift=None):
     """denoising-diffusion-pytorch's Block.forward, convolution -> GroupNorm -> x * (scale + 1) +
     shift -> SiLU, with all but the convolution as one fused call (the block's own forward while
     a hook sits on its norm or SiLU, or for a scale_shift that is not a pair per sample and channel)."""
-    scale = shift = None
-    if scale_shift is not None:
-        pair = tuple(scale_shift)
-        scale, shift = (per_sample(t, (x.shape[0], self.norm.num_channels), x.dim()) for t in pair) \
-            if len(pair) == 2 else (None, None)
-    if _hooked(self.norm) or _hooked(self.act) or (scale_shift is not None and (scale is None or shift is None)):
+    pair = _scale_shift_pair(scale_shift, x, self.norm.num_channels)
+    if pair is None or _hooked(self.norm) or _hooked(self.act):
         return type(self).forward(self, x, scale_shift)
-    return _norm_silu(self.norm, self.proj(x), scale, shift)
+    return _norm_silu(self.norm, self.proj(x), *pair)
+
+
+def _pre_norm_block_forward(self, x, scale_shift=None):
+    """imagen-pytorch's Block.forward, GroupNorm -> x * (scale + 1) + shift -> SiLU -> convolution,
+    with all but the convolution as one fused call (the block's own forward as above)."""
+    pair = _scale_shift_pair(scale_shift, x, self.groupnorm.num_channels)
+    if pair is None or _hooked(self.groupnorm) or _hooked(self.activation):
+        return type(self).forward(self, x, scale_shift)
+    return self.project(_norm_silu(self.groupnorm, x, *pair))
 
 
 def _ddpm_forward(self, x, temb):
@@ -377,11 +394,27 @@ def _is_conv_block(m):
             and "scale_shift" in inspect.signature(type(m).forward).parameters)
 
 
+def _is_pre_norm_block(m):
+    """Laid out as imagen-pytorch's Block: groupnorm (GroupNorm), activation (SiLU), project (a
+    convolution) and nothing else, ``forward(x, scale_shift=None)`` and no other argument."""
+    return (set(m._modules) == {"groupnorm", "activation", "project"}
+            and isinstance(m.project, nn.modules.conv._ConvNd) and _is_plain_norm(m.groupnorm)
+            and _is_silu(m.activation) and list(inspect.signature(type(m).forward).parameters)[2:] == ["scale_shift"])
+
+
+def _scale_shift_probe_inputs(conv, in_channels, norm_channels, gen):
+    """x for a block whose convolution is ``conv``, and a (scale, shift) pair for its norm."""
+    spatial = [8] * len(conv.kernel_size)
+    x = _randn((2, in_channels, *spatial), conv.weight, gen)
+    return x, tuple(_randn((2, norm_channels, *[1] * len(spatial)), conv.weight, gen) for _ in range(2))
+
+
 def _conv_block_probe_inputs(m, gen):
-    spatial = [8] * len(m.proj.kernel_size)
-    x = _randn((2, m.proj.in_channels, *spatial), m.proj.weight, gen)
-    scale_shift = tuple(_randn((2, m.norm.num_channels, *[1] * len(spatial)), m.proj.weight, gen) for _ in range(2))
-    return x, scale_shift
+    return _scale_shift_probe_inputs(m.proj, m.proj.in_channels, m.norm.num_channels, gen)
+
+
+def _pre_norm_block_probe_inputs(m, gen):
+    return _scale_shift_probe_inputs(m.project, m.groupnorm.num_channels, m.groupnorm.num_channels, gen)
 
 
 class _Block(NamedTuple):
@@ -399,6 +432,8 @@ _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_b
            _Block("EDM's UNetBlock.forward", "forward", _edm_forward, _is_edm_block, _edm_probe_inputs),
            _Block("denoising-diffusion-pytorch's Block.forward", "forward", _conv_block_forward, _is_conv_block,
                   _conv_block_probe_inputs),
+           _Block("imagen-pytorch's Block.forward", "forward", _pre_norm_block_forward, _is_pre_norm_block,
+                  _pre_norm_block_probe_inputs),
            _Block("DDPM's ResnetBlock.forward", "forward", _ddpm_forward, _is_ddpm_block, _ddpm_probe_inputs),
            _Block("score_sde's ResnetBlockDDPMpp / ResnetBlockBigGANpp.forward", "forward", _score_sde_forward,
                   _is_score_sde_block, _score_sde_probe_inputs))
@@ -444,8 +479,9 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       shift -> SiLU tail of ``_forward``), diffusers' ResnetBlock2D and EDM's UNetBlock (both
       GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale embedding folded in),
       DDPM's ResnetBlock (latent-diffusion's, Stable Diffusion's autoencoder's) and score_sde's
-      ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), and denoising-diffusion-pytorch's
-      conv -> GN -> scale/shift -> SiLU Block.
+      ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), denoising-diffusion-pytorch's
+      conv -> GN -> scale/shift -> SiLU Block and imagen-pytorch's GN -> scale/shift -> SiLU ->
+      conv Block.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.

@@ -1,5 +1,5 @@
 """GroupNormAct as a drop-in, and patch_model on the blocks of ADM, consistency models, diffusers, EDM,
-DDPM, score_sde and denoising-diffusion-pytorch: same outputs and gradients."""
+DDPM, score_sde, denoising-diffusion-pytorch and imagen-pytorch: same outputs and gradients."""
 import copy
 import io
 import types
@@ -579,7 +579,7 @@ def test_edm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forwar
 
 # denoising-diffusion-pytorch's blocks (and the many UNets written after it): Block = conv -> GroupNorm
 # -> x * (scale + 1) + shift -> SiLU, two of them per ResnetBlock, the time embedding's halves as
-# (B, C, 1, ...) tensors.
+# (B, C, 1, ...) tensors; and imagen-pytorch's, GroupNorm -> x * (scale + 1) + shift -> SiLU -> conv.
 class WeightStandardizedConv(nn.Conv2d):
     def forward(self, x):
         w = self.weight
@@ -603,36 +603,59 @@ class Block(nn.Module):
         return self.act(x)
 
 
+class PreNormBlock(nn.Module):
+    def __init__(self, dim, dim_out, conv=nn.Conv2d, groups=3):
+        super().__init__()
+        self.groupnorm = nn.GroupNorm(groups, dim)
+        self.activation = nn.SiLU()
+        self.project = conv(dim, dim_out, 3, padding=1)
+
+    def forward(self, x, scale_shift=None):
+        x = self.groupnorm(x)
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        x = self.activation(x)
+        return self.project(x)
+
+
 class ConvResnetBlock(nn.Module):
-    def __init__(self, dim, dim_out, time_dim, conv=nn.Conv2d):
+    """The time embedding's scale and shift go to the first Block's norm (denoising-diffusion-pytorch)
+    or, with pre-norm Blocks, to the second one's (imagen-pytorch): both normalize dim_out channels."""
+
+    def __init__(self, dim, dim_out, time_dim, conv=nn.Conv2d, block=Block):
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * dim_out))
-        self.block1, self.block2 = Block(dim, dim_out, conv), Block(dim_out, dim_out, conv)
+        self.block1, self.block2 = block(dim, dim_out, conv), block(dim_out, dim_out, conv)
         self.res_conv = nn.Conv1d(dim, dim_out, 1) if conv is nn.Conv1d else nn.Conv2d(dim, dim_out, 1)
+        self.pre_norm = block is PreNormBlock
 
     def forward(self, x, time_emb):
         emb = self.mlp(time_emb).reshape(x.shape[0], -1, *[1] * (x.dim() - 2))
-        h = self.block1(x, scale_shift=emb.chunk(2, dim=1))
-        return self.block2(h) + self.res_conv(x)
+        first, second = (None, emb.chunk(2, dim=1)) if self.pre_norm else (emb.chunk(2, dim=1), None)
+        return self.block2(self.block1(x, scale_shift=first), scale_shift=second) + self.res_conv(x)
 
 
 class TinyConvUNet(nn.Module):
-    def __init__(self, conv=nn.Conv2d):
+    def __init__(self, conv=nn.Conv2d, block=Block):
         super().__init__()
-        self.blocks = nn.ModuleList([ConvResnetBlock(3, 16, 8, conv), ConvResnetBlock(16, 8, 8, conv)])
+        self.stem = conv(3, 12, 3, padding=1)   # (torch 2.13's CPU GroupNorm backward: see TinyCMPiece)
+        self.blocks = nn.ModuleList([ConvResnetBlock(12, 24, 8, conv, block), ConvResnetBlock(24, 12, 8, conv, block)])
 
     def forward(self, x, time_emb):
+        x = self.stem(x)
         for block in self.blocks:
             x = block(x, time_emb)
         return x
 
 
+@pytest.mark.parametrize("block", [Block, PreNormBlock], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("conv,shape,memory_format", [
     (nn.Conv2d, (2, 3, 8, 8), torch.contiguous_format), (nn.Conv2d, (2, 3, 8, 8), torch.channels_last),
     (WeightStandardizedConv, (2, 3, 8, 8), torch.contiguous_format), (nn.Conv1d, (2, 3, 16), torch.contiguous_format)],
     ids=["conv2d-nchw", "conv2d-nhwc", "weight-standardized", "conv1d"])
-def test_patched_conv_block_unet_gives_the_same_outputs_and_gradients(conv, shape, memory_format):
-    model = randomized(TinyConvUNet(conv))
+def test_patched_conv_block_unet_gives_the_same_outputs_and_gradients(conv, shape, memory_format, block):
+    model = randomized(TinyConvUNet(conv, block))
     patched = copy.deepcopy(model)
     assert sorted(r.name for r in patch_model(patched)) == [
         f"blocks.{i}.block{j}.forward" for i in range(2) for j in (1, 2)]
@@ -644,28 +667,28 @@ def test_patched_conv_block_unet_gives_the_same_outputs_and_gradients(conv, shap
     assert_same_outputs_and_gradients(out_ref, out, model, patched, out_tol=(1e-4, 1e-5), grad_tol=(1e-4, 1e-4))
 
 
-def test_conv_blocks_that_compute_something_else_or_get_other_scales_keep_their_forward():
-    class NoUnitScale(Block):   # a fork whose forward differs: x * scale + shift
+@pytest.mark.parametrize("block,whose,norm", [
+    (Block, "denoising-diffusion-pytorch's", "norm"), (PreNormBlock, "imagen-pytorch's", "groupnorm")],
+    ids=["post_norm", "pre_norm"])
+def test_conv_blocks_that_compute_something_else_or_get_other_scales_keep_their_forward(block, whose, norm):
+    class NoUnitScale(block):   # a fork whose forward differs: x * scale + shift
         def forward(self, x, scale_shift=None):
-            x = self.norm(self.proj(x))
-            if scale_shift is not None:
-                x = x * scale_shift[0] + scale_shift[1]
-            return self.act(x)
+            return super().forward(x, None if scale_shift is None else (scale_shift[0] - 1, scale_shift[1]))
 
-    forked = randomized(NoUnitScale(4, 8))
-    with pytest.warns(UserWarning, match=r"stay unfused: its forward differs from denoising-diffusion-pytorch's"):
+    forked = randomized(NoUnitScale(12, 12))
+    with pytest.warns(UserWarning, match=f"stay unfused: its forward differs from {whose}"):
         assert patch_model(forked) == []
     assert "forward" not in forked.__dict__
 
-    model = randomized(Block(4, 8))
+    model = randomized(block(12, 12))
     patched = copy.deepcopy(model)
     assert [r.name for r in patch_model(patched)] == ["forward"]
-    x = torch.randn(2, 4, 6, 6)
-    per_pixel = (torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6))   # not per sample and channel: the own forward
-    for scale_shift in (None, (torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1)), per_pixel):
+    x = torch.randn(2, 12, 5, 5)
+    per_pixel = (torch.randn(2, 12, 5, 5), torch.randn(2, 12, 5, 5))   # not per sample and channel: the own forward
+    for scale_shift in (None, (torch.randn(2, 12, 1, 1), torch.randn(2, 12, 1, 1)), per_pixel):
         torch.testing.assert_close(patched(x, scale_shift), model(x, scale_shift), rtol=1e-4, atol=1e-5)
     calls = []
-    patched.norm.register_forward_hook(lambda *a: calls.append(1))   # added after patching: the block's own forward
+    getattr(patched, norm).register_forward_hook(lambda *a: calls.append(1))   # added after patching: its own forward
     assert_same_function(model, patched, x)
     assert calls == [1]
 
@@ -861,8 +884,9 @@ def diffusers_block():
     (diffusers_block, lambda: torch.randn(2, 12)),
     (lambda: UNetBlock(8, 16, 12, down=True, attention=True), lambda: torch.randn(2, 12)),
     (lambda: Block(8, 16), lambda: torch.randn(2, 32, 1, 1).chunk(2, dim=1)),
+    (lambda: PreNormBlock(8, 16, groups=4), lambda: torch.randn(2, 16, 1, 1).chunk(2, dim=1)),
     (lambda: ResnetBlockBigGANpp(nn.SiLU(), 8, 16, 12, down=True, dropout=0.0, fir=True), lambda: torch.randn(2, 12))],
-    ids=["diffusers", "edm", "conv_block", "score_sde"])
+    ids=["diffusers", "edm", "conv_block", "pre_norm_block", "score_sde"])
 def test_a_patched_block_compiles_without_graph_breaks(make_block, second_input):
     block = randomized(make_block())
     patched = copy.deepcopy(block)
