@@ -226,8 +226,9 @@ def _ddpm_forward(self, x, temb):
 
 
 def _score_sde_forward(self, x, temb=None):
-    """score_sde's ResnetBlockDDPMpp.forward and ResnetBlockBigGANpp.forward (the block of its
-    NCSN++ and of DDPM++ as its configs build it) with both GroupNorm -> SiLU pairs as fused calls
+    """score_sde's ResnetBlockDDPM.forward (its DDPM), ResnetBlockDDPMpp.forward and
+    ResnetBlockBigGANpp.forward (the block of its NCSN++ and of DDPM++ as its configs build it)
+    with both GroupNorm -> SiLU pairs as fused calls
     (the block's own forward while a hook sits on a norm or its SiLU). BigGAN++'s resampling goes
     through the ``up_or_down_sampling`` functions that the block's own forward calls."""
     if _hooked(self.GroupNorm_0) or _hooked(self.GroupNorm_1) or _hooked(self.act):
@@ -242,7 +243,7 @@ def _score_sde_forward(self, x, temb=None):
     h = self.Conv_1(self.Dropout_0(_norm_silu(self.GroupNorm_1, h)))
     if x.shape[1] != self.out_ch or resampling:
         x = self.Conv_2(x) if getattr(self, "conv_shortcut", True) else self.NIN_0(x)
-    return (x + h) / 2 ** 0.5 if self.skip_rescale else x + h
+    return (x + h) / 2 ** 0.5 if getattr(self, "skip_rescale", False) else x + h
 
 
 def _biggan_resample(self, x):
@@ -373,11 +374,12 @@ def _ddpm_probe_inputs(m, gen):
 def _is_score_sde_block(m):
     """Laid out as score_sde's ResnetBlockDDPMpp (GroupNorm_0, Conv_0, Dense_0 if a time embedding,
     GroupNorm_1, Dropout_0, Conv_1, Conv_2 or NIN_0, act = SiLU; out_ch, skip_rescale,
-    conv_shortcut) or ResnetBlockBigGANpp (the same with Conv_2 alone; up, down, fir, fir_kernel)."""
+    conv_shortcut), ResnetBlockDDPM (the same without skip_rescale) or ResnetBlockBigGANpp (with
+    Conv_2 alone; up, down, fir, fir_kernel)."""
     return all(isinstance(getattr(m, key, None), nn.Module) and _is_plain_norm(getattr(m, key))
                for key in ("GroupNorm_0", "GroupNorm_1")) and _is_silu(getattr(m, "act", None)) and all(
-        hasattr(m, key) for key in ("Conv_0", "Dropout_0", "Conv_1", "out_ch", "skip_rescale")) and (
-        hasattr(m, "conv_shortcut") or all(hasattr(m, key) for key in ("up", "down", "fir", "fir_kernel")))
+        hasattr(m, key) for key in ("Conv_0", "Dropout_0", "Conv_1", "out_ch")) and (hasattr(m, "conv_shortcut") or all(
+            hasattr(m, key) for key in ("up", "down", "fir", "fir_kernel", "skip_rescale")))
 
 
 def _score_sde_probe_inputs(m, gen):
@@ -435,7 +437,7 @@ _BLOCKS = (_Block("ADM's ResBlock._forward", "_forward", _adm_forward, _is_adm_b
            _Block("imagen-pytorch's Block.forward", "forward", _pre_norm_block_forward, _is_pre_norm_block,
                   _pre_norm_block_probe_inputs),
            _Block("DDPM's ResnetBlock.forward", "forward", _ddpm_forward, _is_ddpm_block, _ddpm_probe_inputs),
-           _Block("score_sde's ResnetBlockDDPMpp / ResnetBlockBigGANpp.forward", "forward", _score_sde_forward,
+           _Block("score_sde's ResnetBlock{DDPM,DDPMpp,BigGANpp}.forward", "forward", _score_sde_forward,
                   _is_score_sde_block, _score_sde_probe_inputs))
 
 
@@ -479,7 +481,7 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       shift -> SiLU tail of ``_forward``), diffusers' ResnetBlock2D and EDM's UNetBlock (both
       GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale embedding folded in),
       DDPM's ResnetBlock (latent-diffusion's, Stable Diffusion's autoencoder's) and score_sde's
-      ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), denoising-diffusion-pytorch's
+      ResnetBlockDDPM, ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), denoising-diffusion-pytorch's
       conv -> GN -> scale/shift -> SiLU Block and imagen-pytorch's GN -> scale/shift -> SiLU ->
       conv Block.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps

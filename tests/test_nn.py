@@ -755,6 +755,29 @@ class ResnetBlockDDPMpp(nn.Module):
         return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
+class ResnetBlockDDPM(nn.Module):   # score_sde's DDPM block: DDPM++'s without skip_rescale
+    def __init__(self, act, in_ch, out_ch=None, temb_dim=None, conv_shortcut=False):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.GroupNorm_0, self.GroupNorm_1 = nn.GroupNorm(4, in_ch, eps=1e-6), nn.GroupNorm(4, out_ch, eps=1e-6)
+        self.act = act
+        self.Conv_0, self.Conv_1 = nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if temb_dim is not None:
+            self.Dense_0 = nn.Linear(temb_dim, out_ch)
+        self.Dropout_0 = nn.Dropout(0.1)
+        if in_ch != out_ch:
+            self.NIN_0 = nn.Conv2d(in_ch, out_ch, 1)
+        self.out_ch, self.in_ch, self.conv_shortcut = out_ch, in_ch, conv_shortcut
+
+    def forward(self, x, temb=None):
+        B, C, H, W = x.shape
+        h = self.Conv_0(self.act(self.GroupNorm_0(x)))
+        if temb is not None:
+            h += self.Dense_0(self.act(temb))[:, :, None, None]
+        h = self.Conv_1(self.Dropout_0(self.act(self.GroupNorm_1(h))))
+        return x + h if C == self.out_ch else self.NIN_0(x) + h
+
+
 def fir_filter(x, kernel):
     """x through a separable FIR kernel, channel by channel ('same' size; a stand-in for upfirdn2d)."""
     k = torch.tensor(kernel, dtype=x.dtype)
@@ -813,8 +836,8 @@ class ResnetBlockBigGANpp(nn.Module):
 
 
 class TinyDDPMNet(nn.Module):
-    """DDPM's, DDPM++'s and BigGAN++'s blocks chained, with and without a time embedding, shortcuts
-    and resampling (naive and FIR, up and down)."""
+    """The blocks of DDPM and of score_sde (DDPM, DDPM++, BigGAN++) chained, with and without a time
+    embedding, shortcuts and resampling (naive and FIR, up and down)."""
 
     def __init__(self):
         super().__init__()
@@ -824,7 +847,8 @@ class TinyDDPMNet(nn.Module):
             ResnetBlockDDPMpp(nn.SiLU(), 16, 24, 12), ResnetBlockDDPMpp(nn.SiLU(), 24, 16, 12, conv_shortcut=True,
                                                                        skip_rescale=True),
             ResnetBlockBigGANpp(nn.SiLU(), 16, 16, 12, down=True), ResnetBlockBigGANpp(nn.SiLU(), 16, 24, 12),
-            ResnetBlockBigGANpp(nn.SiLU(), 24, 16, 12, up=True, fir=True, skip_rescale=False)])
+            ResnetBlockBigGANpp(nn.SiLU(), 24, 16, 12, up=True, fir=True, skip_rescale=False),
+            ResnetBlockDDPM(nn.SiLU(), 16, 24, 12), ResnetBlockDDPM(nn.SiLU(), 24, 16, 12)])
         self.decoder = nn.ModuleList([DDPMResnetBlock(16, 8, 0), ResnetBlockDDPMpp(nn.SiLU(), 8, 8),  # no temb
                                       ResnetBlockBigGANpp(nn.SiLU(), 8, 8, down=True, fir=True),
                                       ResnetBlockBigGANpp(nn.SiLU(), 8, 8, up=True)])
@@ -843,7 +867,7 @@ def test_patched_ddpm_blocks_give_the_same_outputs_and_gradients(memory_format):
     model = randomized(TinyDDPMNet()).eval()   # eval: dropout off in both
     patched = copy.deepcopy(model)
     assert sorted(r.name for r in patch_model(patched)) == [
-        *(f"blocks.{i}.forward" for i in range(7)), *(f"decoder.{i}.forward" for i in range(4))]
+        *(f"blocks.{i}.forward" for i in range(9)), *(f"decoder.{i}.forward" for i in range(4))]
     x, temb = torch.randn(2, 3, 8, 8).to(memory_format=memory_format), torch.randn(2, 12)
     out_ref = model(x, temb)
     with mock.patch.object(nn.GroupNorm, "forward", side_effect=AssertionError("an unfused GroupNorm ran")):
@@ -862,7 +886,7 @@ def test_ddpm_blocks_that_compute_something_else_or_carry_hooks_keep_their_forwa
                 return super().forward(x, temb)
 
     for forked, name in [(Rescaled(8, 8, 12), "DDPM's ResnetBlock"),
-                         (NaiveResampling(nn.SiLU(), 8, 8, 12, up=True, fir=True), "score_sde's ResnetBlockDDPMpp")]:
+                         (NaiveResampling(nn.SiLU(), 8, 8, 12, up=True, fir=True), "score_sde's ResnetBlock")]:
         with pytest.warns(UserWarning, match=f"stay unfused: its forward differs from {name}"):
             assert patch_model(randomized(forked)) == []
     model = randomized(ResnetBlockDDPMpp(nn.SiLU(), 8, 16, 12)).eval()
