@@ -228,9 +228,9 @@ def _ddpm_forward(self, x, temb):
 def _score_sde_forward(self, x, temb=None):
     """score_sde's ResnetBlockDDPM.forward (its DDPM), ResnetBlockDDPMpp.forward and
     ResnetBlockBigGANpp.forward (the block of its NCSN++ and of DDPM++ as its configs build it)
-    with both GroupNorm -> SiLU pairs as fused calls
-    (the block's own forward while a hook sits on a norm or its SiLU). BigGAN++'s resampling goes
-    through the ``up_or_down_sampling`` functions that the block's own forward calls."""
+    with both GroupNorm -> SiLU pairs as fused calls (the block's own forward while a hook sits on
+    a norm or its SiLU). BigGAN++'s resampling goes through the ``up_or_down_sampling`` functions
+    that the block's own forward calls."""
     if _hooked(self.GroupNorm_0) or _hooked(self.GroupNorm_1) or _hooked(self.act):
         return type(self).forward(self, x, temb)
     h = _norm_silu(self.GroupNorm_0, x)
@@ -481,9 +481,9 @@ def patch_model(model: nn.Module) -> list[Replacement]:
       shift -> SiLU tail of ``_forward``), diffusers' ResnetBlock2D and EDM's UNetBlock (both
       GN -> SiLU pairs of ``forward``, a 'scale_shift' or adaptive-scale embedding folded in),
       DDPM's ResnetBlock (latent-diffusion's, Stable Diffusion's autoencoder's) and score_sde's
-      ResnetBlockDDPM, ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs), denoising-diffusion-pytorch's
-      conv -> GN -> scale/shift -> SiLU Block and imagen-pytorch's GN -> scale/shift -> SiLU ->
-      conv Block.
+      ResnetBlockDDPM, ResnetBlockDDPMpp and ResnetBlockBigGANpp (both pairs),
+      denoising-diffusion-pytorch's conv -> GN -> scale/shift -> SiLU Block and imagen-pytorch's
+      GN -> scale/shift -> SiLU -> conv Block.
     Modules with hooks, and blocks whose method is set on the instance (accelerate wraps
     forward so), are left as they are. Parameters are shared, not copied: state_dicts
     and optimizers keep working. Patching twice changes nothing.
