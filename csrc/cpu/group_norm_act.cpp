@@ -799,14 +799,13 @@ template <typename scalar_t, bool kAct, Stage kStage>
 __attribute__((target("avx512f"))) void stage_avx512(const Job<scalar_t>& j, int64_t lo, int64_t hi) {
   run_stage<Simd<acc_t<scalar_t>, 64>, scalar_t, kAct, kStage>(j, lo, hi);
 }
-#endif
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
 Isa cpu_isa() {
-#if ADV_DPM_GN_X86_CLONES && defined(ADV_DPM_GN_FORCE_ISA)
+#if defined(ADV_DPM_GN_FORCE_ISA)
   return static_cast<Isa>(ADV_DPM_GN_FORCE_ISA);  // testing: 0 base, 1 AVX2, 2 AVX-512F
-#elif ADV_DPM_GN_X86_CLONES
+#else
   static const Isa isa = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
@@ -814,10 +813,9 @@ Isa cpu_isa() {
     return Isa::kBase;
   }();
   return isa;
-#else
-  return Isa::kBase;
 #endif
 }
+#endif
 
 template <typename scalar_t, bool kAct, Stage kStage>
 StageFn<scalar_t> stage_fn() {
