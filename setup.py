@@ -10,7 +10,10 @@ extension in place (`setup.py build_ext --inplace`), incrementally in build/.
 import glob
 import os
 import platform
+import shlex
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -58,13 +61,24 @@ def cpu_simd() -> str:
     return {"AVX2": "avx2", "AVX512": "avx512"}.get(torch.backends.cpu.get_cpu_capability(), "none")
 
 
+def cxx_is_clang() -> bool:
+    """Whether the C++ compiler (CXX, else the one Python was built with) is clang (macOS's c++ is)."""
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        version = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" in version.lower()
+
+
 def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/autograd/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -g0: Python's own flags ask for debug info, which makes the CPU kernels compile 1.6x slower.
     # The two warnings off fire only inside torch's vectorized headers (its `#pragma unroll`, and
     # a false maybe-uninitialized in gcc's AVX-512 intrinsics): 30,000 lines of build log, none ours.
-    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-fvisibility=hidden",
-           *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
+    # (clang has no maybe-uninitialized, and would warn of the unknown option at every file.)
+    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas", *([] if cxx_is_clang() else ["-Wno-maybe-uninitialized"]),
+           "-fvisibility=hidden", *openmp_flags(), *SIMD_FLAGS[cpu_simd()]]
     link = openmp_flags()
     if not cuda_wanted():
         return cpp_extension.CppExtension("adv_dpm._C", sources, extra_compile_args={"cxx": cxx},
