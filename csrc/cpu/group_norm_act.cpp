@@ -96,7 +96,6 @@ struct Simd {
     return v;
   }
   static C10_ALWAYS_INLINE void storeu(acc* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
-  static C10_ALWAYS_INLINE acc lane(const V& v, int64_t i) { return v[i]; }
 
   // c[I] + x c[I + 1] + x^2 c[I + 2] + ... by Horner's rule, unrolled at compile time.
   template <size_t I = 0, size_t N>
@@ -159,7 +158,6 @@ struct VecSimd {
   static C10_ALWAYS_INLINE V bcast(acc s) { return V(s); }
   static C10_ALWAYS_INLINE V loadu(const acc* p) { return V::loadu(p); }
   static C10_ALWAYS_INLINE void storeu(acc* p, const V& v) { v.store(p); }
-  static C10_ALWAYS_INLINE acc lane(const V& v, int64_t i) { return v[i]; }
   static C10_ALWAYS_INLINE V exp(const V& v) { return v.exp(); }
 };
 #endif
@@ -203,10 +201,13 @@ C10_ALWAYS_INLINE void store_first(scalar_t* p, const typename P::V& v, int64_t 
   for (int64_t i = 0; i < n; ++i) p[i] = a[i];
 }
 
+// The sum of v's lanes, in lane order.
 template <typename P>
 C10_ALWAYS_INLINE typename P::acc fold(const typename P::V& v) {
+  __at_align__ typename P::acc a[P::kW];
+  P::storeu(a, v);
   typename P::acc s = 0;
-  for (int64_t i = 0; i < P::kW; ++i) s += P::lane(v, i);
+  for (int64_t i = 0; i < P::kW; ++i) s += a[i];
   return s;
 }
 
