@@ -92,8 +92,9 @@ def extension():
                                        py_limited_api=True)
 
 
-setup(
-    ext_modules=[] if os.environ.get("ADV_DPM_BUILD_EXT", "").strip() == "0" else [extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the stable ABI of requires-python's floor
-)
+if __name__ == "__main__":  # (as pip and setuptools run it; tests import the flags above)
+    setup(
+        ext_modules=[] if os.environ.get("ADV_DPM_BUILD_EXT", "").strip() == "0" else [extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the stable ABI of requires-python's floor
+    )
