@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from adv_dpm.ops import backend  # noqa: E402
+from adv_dpm.ops import backend, reference  # noqa: E402
 
 # Backends that `make test` builds and installs: missing ones fail there instead of skipping.
 REQUIRED = {b for b in os.environ.get("ADV_DPM_REQUIRE_BACKENDS", "").split(",") if b}
@@ -128,6 +128,11 @@ def check_autograd_in_cpp(pair, op, args):
     loss = sum((o * torch.randn_like(o)).sum() for o in outputs)
     assert not adv_dpm_python_calls(loss.backward)
     assert all(a.grad is not None for a in leaves if isinstance(a, torch.Tensor))
+
+
+def group_norm_oracle(x, weight, bias, groups, eps, scale, shift, act):
+    """y of group_norm_act on the reference, with the public op's arguments (the float64 oracle)."""
+    return reference.group_norm_act(x, weight, bias, scale, shift, groups, eps, int(act == "silu"))[0]
 
 
 def outputs_and_grads(fn, args, upstream):

@@ -4,8 +4,8 @@ import torch
 
 from adv_dpm.ops import backend, eager, group_norm_act, reference, use_backend
 from adv_dpm.ops.group_norm_act import collapse_problem
-from conftest import (PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, grads_of, is_interpreted,
-                      require_pair, use_pair)
+from conftest import (PAIRS, _pair_params, assert_within_budget, check_autograd_in_cpp, grads_of, group_norm_oracle,
+                      is_interpreted, require_pair, use_pair)
 
 OP = "group_norm_act"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -100,10 +100,6 @@ def check_forward(pair, dtype, case):
         assert y.is_contiguous(memory_format=torch.channels_last), "output lost the input's layout"
 
 
-def ref_y(x, w, b, groups, eps, scale, shift, act):
-    return reference.group_norm_act(x, w, b, scale, shift, groups, eps, int(act == "silu"))[0]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_backward_matches_autograd_of_oracle(pair, dtype, case):
@@ -141,7 +137,7 @@ def check_backward(pair, dtype, case):
     with use_pair(pair):
         got = grads_of(group_norm_act, args, grad_y)
 
-    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
+    ref = grads_of(group_norm_oracle, as64(args), grad_y.double().cpu())
     base = grads_of(eager.group_norm_act, args, grad_y)
     names = [n for n, a in zip(["x", "weight", "bias", "", "", "scale", "shift"], args) if isinstance(a, torch.Tensor)]
     for name, out, r, b in zip(names, got, ref, base):
@@ -159,7 +155,7 @@ def test_backward_takes_an_upstream_gradient_whose_spatial_dims_do_not_collapse(
     assert collapse_problem("grad_y", grad_y)
     with use_pair(pair):
         got = grads_of(group_norm_act, args, grad_y)
-    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
+    ref = grads_of(group_norm_oracle, as64(args), grad_y.double().cpu())
     base = grads_of(eager.group_norm_act, args, grad_y)
     for name, out, r, b in zip(["x", "weight", "bias", "scale", "shift"], got, ref, base):
         assert_within_budget(f"grad_{name}", out.cpu(), r, b.cpu())
@@ -177,8 +173,8 @@ def test_parameters_in_dtypes_of_their_own(pair, wdtype, sdtype):
     with use_pair(pair):
         y = group_norm_act(*args)
         got = grads_of(group_norm_act, args, grad_y)
-    assert_within_budget("y", y.cpu(), ref_y(*as64(args)), eager.group_norm_act(*args).cpu())
-    ref = grads_of(ref_y, as64(args), grad_y.double().cpu())
+    assert_within_budget("y", y.cpu(), group_norm_oracle(*as64(args)), eager.group_norm_act(*args).cpu())
+    ref = grads_of(group_norm_oracle, as64(args), grad_y.double().cpu())
     base = grads_of(eager.group_norm_act, args, grad_y)
     for name, out, r, e, given in zip(["x", "weight", "bias", "scale", "shift"], got, ref, base,
                                       [a for a in args if isinstance(a, torch.Tensor)]):

@@ -10,7 +10,7 @@ import torch
 
 from adv_dpm.ops import adv_step, adv_step_inject, eager, group_norm_act, noise_inject, reference
 from conftest import (EMULATED_CUDA, PAIRS, _pair_params, assert_within_budget, emulated_cuda_module,
-                      outputs_and_grads, relayout, require_pair, use_pair)
+                      group_norm_oracle, outputs_and_grads, relayout, require_pair, use_pair)
 
 SEEDS = range(24)
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
@@ -33,10 +33,6 @@ def require(pair, op, seed):
     require_pair(pair, op)
     if pair == ("cuda", "triton") and seed >= 8:
         pytest.skip("Triton on the GPU: the first 8 seeds (each new configuration compiles its kernels)")
-
-
-def group_norm_oracle(x, weight, bias, groups, eps, scale, shift, act):
-    return reference.group_norm_act(x, weight, bias, scale, shift, groups, eps, int(act == "silu"))[0]
 
 
 def group_norm_config(seed, limit, device):
