@@ -95,6 +95,6 @@ def extension():
 if __name__ == "__main__":  # (as pip and setuptools run it; tests import the flags above)
     setup(
         ext_modules=[] if os.environ.get("ADV_DPM_BUILD_EXT", "").strip() == "0" else [extension()],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the stable ABI of requires-python's floor
     )
