@@ -92,7 +92,7 @@ def _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_targe
 
 
 def _adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
-                     radius: float, target: str = "delta_detach", grad_target: Optional[Tensor] = None,
+                     radius: float, target: str, grad_target: Optional[Tensor] = None,
                      grad_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mode = _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target, grad_scale)
     return backend.run("adv_step", "adv_step", delta, delta, grad, grad_target, x_t, eps, c_noise, lr, radius,
@@ -103,7 +103,7 @@ adv_step_inject_op = torch.library.custom_op("adv_dpm::adv_step_inject", _adv_st
 
 
 @adv_step_inject_op.register_fake
-def _(x_t, eps, c_noise, delta, grad, lr, radius, target="delta_detach", grad_target=None, grad_scale=None):
+def _(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target=None, grad_scale=None):
     _check_inject(x_t, eps, c_noise, delta, grad, lr, radius, target, grad_target, grad_scale)
     return (torch.empty_like(delta), torch.empty_like(x_t), torch.empty_like(x_t), *_norms(delta))
 

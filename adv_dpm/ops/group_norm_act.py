@@ -64,9 +64,9 @@ def _stats_like(x, num_groups):
     return x.new_empty((x.shape[0], num_groups), dtype=dtype)
 
 
-def _group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                    act: Optional[str] = "silu") -> tuple[Tensor, Tensor, Tensor]:
+def _group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+                    scale: Optional[Tensor], shift: Optional[Tensor],
+                    act: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check(x, weight, bias, num_groups, eps, scale, shift, act)
     return _run(x, weight, bias, num_groups, eps, scale, shift, act)
 
@@ -81,7 +81,7 @@ group_norm_act_op = torch.library.custom_op("adv_dpm::group_norm_act", _group_no
 
 
 @group_norm_act_op.register_fake
-def _(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):
+def _(x, weight, bias, num_groups, eps, scale, shift, act):
     _check(x, weight, bias, num_groups, eps, scale, shift, act)
     return torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)
 

@@ -22,8 +22,8 @@ def _check(x0, eps, c_signal, c_noise, delta, target):
     return checks.target_mode(OP, target)
 
 
-def _noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor] = None,
-                  target: str = "delta_detach") -> tuple[Tensor, Tensor]:
+def _noise_inject(x0: Tensor, eps: Tensor, c_signal: Tensor, c_noise: Tensor, delta: Optional[Tensor],
+                  target: str) -> tuple[Tensor, Tensor]:
     _check(x0, eps, c_signal, c_noise, delta, target)
     return _run(x0, eps, c_signal, c_noise, delta, target)
 
@@ -37,7 +37,7 @@ noise_inject_op = torch.library.custom_op("adv_dpm::noise_inject", _noise_inject
 
 
 @noise_inject_op.register_fake
-def _(x0, eps, c_signal, c_noise, delta=None, target="delta_detach"):
+def _(x0, eps, c_signal, c_noise, delta, target):
     _check(x0, eps, c_signal, c_noise, delta, target)
     return torch.empty_like(x0), torch.empty_like(x0)
 
