@@ -167,12 +167,16 @@ def _edm_forward(self, x, emb):
     return _edm_attention(self, x) if self.num_heads else x
 
 
+def _forward_global(self, name):
+    """``name`` as the block's own forward sees it: a global of the module that defines it
+    (AttributeError if none). In a form that torch.compile traces from torch 2.4 on."""
+    return getattr(sys.modules[type(self).forward.__module__], name)
+
+
 def _edm_attention(self, x):
-    """The self-attention tail of EDM's UNetBlock, through the AttentionOp of the block's own module
+    """The self-attention tail of EDM's UNetBlock, through the AttentionOp of its forward's module
     (fp32 softmax, inputs and saved tensors in their own dtype)."""
-    attention = getattr(sys.modules.get(type(self).__module__), "AttentionOp", None)
-    if attention is None:
-        raise LookupError(f"the block's module {type(self).__module__} has no AttentionOp")
+    attention = _forward_global(self, "AttentionOp")
     heads = x.shape[0] * self.num_heads
     q, k, v = self.qkv(self.norm2(x)).reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
     out = torch.einsum("nqk,nck->ncq", attention.apply(q, k), v).reshape(x.shape)
@@ -249,9 +253,7 @@ def _score_sde_forward(self, x, temb=None):
 def _biggan_resample(self, x):
     """x up- or downsampled by 2 as score_sde's ResnetBlockBigGANpp does it: with its FIR kernel or
     naively, through the ``up_or_down_sampling`` module its forward refers to."""
-    ops = getattr(type(self).forward, "__globals__", {}).get("up_or_down_sampling")
-    if ops is None:
-        raise LookupError(f"the module of {type(self).__name__}.forward has no up_or_down_sampling")
+    ops = _forward_global(self, "up_or_down_sampling")
     name = "upsample_2d" if self.up else "downsample_2d"
     return getattr(ops, name)(x, self.fir_kernel, factor=2) if self.fir else getattr(ops, f"naive_{name}")(x, factor=2)
 
