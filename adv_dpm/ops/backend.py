@@ -13,6 +13,7 @@ import importlib
 import os
 
 import torch
+from torch.torch_version import TorchVersion
 
 from . import reference
 
@@ -69,6 +70,22 @@ def triton_error():
     return None
 
 
+def interpreter_problem(triton_version, numpy_version):
+    """Why Triton's interpreter, at these versions, cannot run the kernels, or None: before 3.2
+    it computes wrong results under numpy 2 (3.0 and 3.1 turned a kernel doubling x into garbage)."""
+    if TorchVersion(triton_version) < "3.2" and TorchVersion(numpy_version) >= "2":
+        return (f"Triton {triton_version}'s interpreter computes wrong results with numpy {numpy_version} "
+                f"(numpy<2 or Triton >= 3.2 fixes it)")
+    return None
+
+
+@functools.cache
+def interpreter_error():
+    import numpy
+    import triton
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 def has_compiled_kernel(op, dispatch_key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"adv_dpm_C::{op}", dispatch_key)
 
@@ -89,6 +106,8 @@ def unavailable(backend, device_type, op="noise_inject"):
         return triton_error()
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before start)"
+    if device_type == "cpu" and interpreter_error():
+        return interpreter_error()
     if device_type not in ("cpu", "cuda"):
         return f"Triton kernels take cuda tensors, got {device_type} tensors"
     return None
