@@ -26,9 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 
-CXX_STD = "-std=c++20"   # the standard torch.utils.cpp_extension builds with (torch's headers need it from 2.14)
+# torch.utils.cpp_extension builds as C++17 up to some release and as C++20 since: the kernels,
+# which include no torch header, are held to C++17 (torch 2.4, the floor), the bindings to
+# C++20 (which the headers of torch 2.14 need and those of 2.4 accept).
+KERNEL_STD, BINDINGS_STD = "-std=c++17", "-std=c++20"
 NVCC_FLAGS = [
-    "-c", CXX_STD, "-O3",
+    "-c", KERNEL_STD, "-O3",
     "-gencode", "arch=compute_80,code=sm_80",
     "-gencode", "arch=compute_90,code=sm_90",
     "--resource-usage", "-Xptxas", "-warn-spills",
@@ -113,7 +116,7 @@ def _bindings_command(outdir: str) -> tuple[list[str] | None, str]:
     if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for d in torch_incs):
         (stub_dir / "c10/cuda/impl").mkdir(parents=True)
         (stub_dir / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [cxx, CXX_STD, "-fsyntax-only", "-Wall", "-Wextra", "-DPy_LIMITED_API=0x030A0000",
+    cmd = [cxx, BINDINGS_STD, "-fsyntax-only", "-Wall", "-Wextra", "-DPy_LIMITED_API=0x030A0000",
            "-DADV_DPM_WITH_CUDA"]
     for inc in [str(stub_dir), *torch_incs, str(cuda_inc), sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", inc]

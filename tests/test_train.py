@@ -512,12 +512,12 @@ def test_ddp_two_cpu_processes_keep_the_replicas_in_sync(tmp_path, objective):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path), objective),
                                 nprocs=2)
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    a, b = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert len(a) == len(b) > 0
     for p, q in zip(a, b):
         assert torch.equal(p, q)   # each rank saw different data: equal only if gradients were all-reduced
-    assert torch.load(tmp_path / "agree0.pt") == (False, True, ["another rank"])
-    assert torch.load(tmp_path / "agree1.pt") == (False, True, ["SIGTERM"])
+    assert torch.load(tmp_path / "agree0.pt", weights_only=True) == (False, True, ["another rank"])
+    assert torch.load(tmp_path / "agree1.pt", weights_only=True) == (False, True, ["SIGTERM"])
 
 
 def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):

@@ -28,7 +28,6 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
-#include <bit>
 #include <memory>
 #include <random>
 #include <vector>
@@ -383,10 +382,20 @@ template <typename T>
 void __stwb(T* p, T v) {
   *p = v;
 }
-inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }
-inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
-inline float __int_as_float(int i) { return std::bit_cast<float>(i); }
-inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
+namespace emu {
+// std::bit_cast is C++20, and older torch releases build extensions as C++17.
+template <typename To, typename From>
+To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+}  // namespace emu
+inline float __uint_as_float(unsigned u) { return emu::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return emu::bit_cast<unsigned>(f); }
+inline float __int_as_float(int i) { return emu::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return emu::bit_cast<int>(f); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fdividef(float a, float b) { return a / b; }
