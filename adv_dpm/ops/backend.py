@@ -70,12 +70,17 @@ def triton_error():
     return None
 
 
+# (Triton release that fixed it, numpy release that exposes it, what its interpreter does before):
+# 3.0 and 3.1 turned a kernel doubling x into garbage; 3.2 to 3.6 raise in a loop over a scalar bound.
+_INTERPRETER_BUGS = (("3.2", "2", "computes wrong results"), ("3.7", "2.4", "fails on loops"))
+
+
 def interpreter_problem(triton_version, numpy_version):
-    """Why Triton's interpreter, at these versions, cannot run the kernels, or None: before 3.2
-    it computes wrong results under numpy 2 (3.0 and 3.1 turned a kernel doubling x into garbage)."""
-    if TorchVersion(triton_version) < "3.2" and TorchVersion(numpy_version) >= "2":
-        return (f"Triton {triton_version}'s interpreter computes wrong results with numpy {numpy_version} "
-                f"(numpy<2 or Triton >= 3.2 fixes it)")
+    """Why Triton's interpreter, at these versions, cannot run the kernels, or None."""
+    for fixed, exposed, what in _INTERPRETER_BUGS:
+        if TorchVersion(triton_version) < fixed and TorchVersion(numpy_version) >= exposed:
+            return (f"Triton {triton_version}'s interpreter {what} with numpy {numpy_version} "
+                    f"(numpy<{exposed} or Triton >= {fixed} fixes it)")
     return None
 
 
