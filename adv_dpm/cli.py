@@ -9,10 +9,14 @@ import re
 import shlex
 import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 
 def info(_args):
