@@ -79,6 +79,18 @@ def test_info_says_what_runs_and_why_not():
     assert "cpu        unavailable: disabled by ADV_DPM_DISABLE_EXT=1" in out
 
 
+def test_an_extension_that_does_not_load_is_told_apart_from_a_missing_one(monkeypatch):
+    def load(error):
+        def import_module(name):
+            raise error
+        monkeypatch.setattr(backend.importlib, "import_module", import_module)
+        return backend.extension_error.__wrapped__()
+
+    undefined = ImportError("_C.abi3.so: undefined symbol: _ZN3c104impl22getGlobalPyInterpreterEv")
+    assert "does not load" in load(undefined) and "rebuild it" in load(undefined)
+    assert "is not built" in load(ModuleNotFoundError("No module named 'adv_dpm._C'"))
+
+
 def test_call_runs_the_implementation_directly_only_in_plain_eager():
     """backend.call: plain eager tensors take the implementation; a dispatch mode, a tensor
     subclass, or a gradient through an op without a formula take the registered op."""

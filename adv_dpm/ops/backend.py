@@ -56,8 +56,11 @@ def extension_error():
         return "disabled by ADV_DPM_DISABLE_EXT=1"
     try:
         importlib.import_module("adv_dpm._C")
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         return f"the C++ extension adv_dpm._C is not built ({e})"
+    except ImportError as e:  # typically an undefined symbol of torch's
+        return (f"the C++ extension adv_dpm._C does not load ({e}): if it was built against another torch, "
+                f"rebuild it (`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`)")
     return None
 
 
