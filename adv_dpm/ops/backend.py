@@ -89,6 +89,7 @@ def interpreter_problem(triton_version, numpy_version):
 
 @functools.cache
 def interpreter_error():
+    """``interpreter_problem`` of the installed Triton and numpy."""
     import numpy
     import triton
     return interpreter_problem(triton.__version__, numpy.__version__)
