@@ -66,11 +66,12 @@ def _step_scalars(gg, dg, dd, lr, radius, gs_ptr, HAS_SCALE: tl.constexpr):
     the loss scale is read from gs_ptr (HAS_SCALE), else 1."""
     lr = tl.cast(lr, tl.float32)
     radius = tl.cast(radius, tl.float32)
+    ok = gg <= FLT_MAX  # false for inf and nan: a non-finite element of g, or overflow
     if HAS_SCALE:
         grad_scale = tl.load(gs_ptr)
+        ok = ok & (grad_scale > 0.0) & (grad_scale <= FLT_MAX)  # a loss scale that is a finite number > 0
     else:
         grad_scale = 1.0
-    ok = gg <= FLT_MAX  # false for inf and nan: a non-finite element of g, or overflow
     grad_norm = tl.sqrt(gg) / grad_scale
     step = lr / tl.maximum(grad_norm, GRAD_NORM_FLOOR) / grad_scale
     step = tl.where(ok, step, 0.0)

@@ -1,6 +1,7 @@
 """adv_step / adv_step_inject: every backend against the float64 oracle, and the guard."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,6 +226,7 @@ def test_is_deterministic(pair, shape):
     (dict(radius=-1.0), ValueError, r"radius must be a number >= 0 \(inf allowed\), got -1.0"),
     (dict(radius=float("nan")), ValueError, r"radius must be a number >= 0"),
     (dict(grad_scale=0.0), ValueError, r"grad_scale must be a finite number > 0"),
+    (dict(lr=True), ValueError, r"lr must be a number >= 0 and finite, got True"),
     (dict(grad_scale=torch.tensor(2.0, dtype=torch.float64)), ValueError,
      r"grad_scale must be a float32 tensor of one element, got torch.float64 of shape \(\)"),
     (dict(grad_scale=torch.ones(2)), ValueError, r"grad_scale must be a float32 tensor of one element"),
@@ -244,6 +246,30 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         adv_step_inject(**args)
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, float("nan"), float("inf")])
+def test_a_loss_scale_tensor_that_is_not_a_finite_number_above_zero_skips_every_sample(pair, value):
+    """Its value is read on the device, where it cannot raise: every backend keeps delta and
+    flags the samples instead of writing what such a scale would make of them."""
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, pair[0])
+    scale = torch.tensor(value, device=pair[0])
+    with use_pair(pair):
+        step = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius, grad_scale=scale)
+        plain = adv_step(delta, grad, lr, radius, grad_scale=scale)
+    for out in (step, plain):
+        assert out.skipped.all() and torch.equal(out.delta, delta)
+        torch.testing.assert_close(out.delta_norm, delta.flatten(1).norm(dim=1))
+    torch.testing.assert_close(step.x_adv, x_t + delta)
+
+
+def test_numpy_scalars_are_numbers():
+    delta, grad, x_t, eps, c_noise, lr, radius = make_state(CASES[0], torch.float32, "cpu")
+    plain = adv_step_inject(x_t, eps, c_noise, delta, grad, lr, radius, grad_scale=2.0)
+    from_numpy = adv_step_inject(x_t, eps, c_noise, delta, grad, np.float32(lr), np.float64(radius),
+                                 grad_scale=np.float32(2.0))
+    for a, b in zip(plain, from_numpy):
+        torch.testing.assert_close(a, b)
 
 
 def test_outputs_never_require_grad():

@@ -69,3 +69,14 @@ def test_the_unet_with_fused_group_norm_compiles_without_a_graph_break():
     explained = torch._dynamo.explain(model)(x, torch.tensor([3, 500]))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1 and "torch.ops.adv_dpm.group_norm_act" in explained.graphs[0].code
+
+
+def test_a_loss_scale_number_that_changes_recompiles_without_failing():
+    """A GradScaler's get_scale() changes during training: dynamo then passes it as a symbolic
+    float, which the argument checks must take (they compare instead of calling math.isfinite)."""
+    torch._dynamo.reset()
+    step = torch.compile(lambda d, g, s: adv_dpm.adv_step(d, g * s, 0.1, 1.0, grad_scale=s).delta, fullgraph=True)
+    delta, grad = torch.zeros(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    expected = adv_dpm.adv_step(delta, grad, 0.1, 1.0).delta
+    for scale in (1024.0, 2048.0, 512.0):
+        torch.testing.assert_close(step(delta, grad, scale), expected)

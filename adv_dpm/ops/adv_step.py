@@ -54,6 +54,7 @@ def _loss_scale(op, grad_scale, delta):
     and never waited for)."""
     if isinstance(grad_scale, Tensor):
         return grad_scale
+    grad_scale = checks.number(grad_scale)
     checks.positive(op, "grad_scale", grad_scale)
     checks.batch_tensor(op, "delta", delta)
     return None if grad_scale == 1 else torch.full((), float(grad_scale), dtype=torch.float32, device=delta.device)
@@ -117,8 +118,8 @@ def adv_step(delta: Tensor, grad: Tensor, lr: float, radius: float,
     device (a GradScaler's scale tensor, which the kernels read without the host waiting for it).
     """
     with torch.no_grad():
-        return AdvStep(*backend.call(adv_step_op, _adv_step, None, delta, grad, lr, radius,
-                                     _loss_scale("adv_step", grad_scale, delta)))
+        return AdvStep(*backend.call(adv_step_op, _adv_step, None, delta, grad, checks.number(lr),
+                                     checks.number(radius), _loss_scale("adv_step", grad_scale, delta)))
 
 
 def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, grad: Tensor, lr: float,
@@ -134,5 +135,5 @@ def adv_step_inject(x_t: Tensor, eps: Tensor, c_noise: Tensor, delta: Tensor, gr
     c_noise = checks.flat_per_sample(c_noise, delta)
     with torch.no_grad():
         return AdvStepInject(*backend.call(adv_step_inject_op, _adv_step_inject, None, x_t, eps, c_noise, delta, grad,
-                                           lr, radius, target, grad_target,
+                                           checks.number(lr), checks.number(radius), target, grad_target,
                                            _loss_scale("adv_step_inject", grad_scale, delta)))

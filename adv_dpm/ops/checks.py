@@ -1,5 +1,7 @@
 """Argument checks shared by the fused ops: each error names the argument and what was expected."""
 import math
+import numbers
+import sys
 
 import torch
 
@@ -66,14 +68,25 @@ def flat_per_sample(t, data, lead_dims=1):
     return t if view is None else view
 
 
+def number(value):
+    """``value`` as the ops take it: numpy's scalars become Python numbers."""
+    return value.item() if isinstance(value, numbers.Real) and not isinstance(value, (int, float)) else value
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Range checks compare (no math.isnan / isfinite): torch.compile passes a float whose value
+# changes between calls as a symbolic float, which takes comparisons only.
 def non_negative(op, name, value, allow_inf=False):
-    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+    if not _is_number(value) or not 0 <= value <= (math.inf if allow_inf else sys.float_info.max):
         expected = "a number >= 0" + (" (inf allowed)" if allow_inf else " and finite")
         raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
 
 
 def positive(op, name, value):
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_number(value) or not 0 < value <= sys.float_info.max:
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")
 
 

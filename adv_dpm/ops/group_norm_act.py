@@ -28,7 +28,7 @@ def _check(x, weight, bias, num_groups, eps, scale, shift, act):
         raise TypeError(f"{OP}: x must be a floating-point tensor of shape (N, C, *spatial), got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
     n, c = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or c % num_groups:
         raise ValueError(f"{OP}: num_groups must be a positive divisor of the channel count C={c}, got {num_groups!r}")
     checks.non_negative(OP, "eps", eps)
     for name, p, shape in [("weight", weight, (c,)), ("bias", bias, (c,)), ("scale", scale, (n, c)),
@@ -152,5 +152,5 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     NCHW and channels_last x (and gradients of either layout) run without copies.
     """
     scale, shift = checks.flat_per_sample(scale, x, 2), checks.flat_per_sample(shift, x, 2)
-    return backend.call(group_norm_act_op, _group_norm_act, _differentiable, x, weight, bias, num_groups, eps, scale,
-                        shift, act)[0]
+    return backend.call(group_norm_act_op, _group_norm_act, _differentiable, x, weight, bias,
+                        checks.number(num_groups), checks.number(eps), scale, shift, act)[0]

@@ -76,6 +76,8 @@ def adv_step(delta, grad, grad_target, x_t, eps, c_noise, lr, radius, grad_scale
     gg = sample_sum(g * g)
     skipped = ~torch.isfinite(gg)   # a non-finite element of g, or an overflowing norm
     gs = 1.0 if grad_scale is None else grad_scale.reshape(()).to(ct)
+    if grad_scale is not None:   # or a loss scale that is not a finite number > 0
+        skipped |= ~(torch.isfinite(gs) & (gs > 0))
     grad_norm = gg.sqrt() / gs
     step = lr / grad_norm.clamp_min(GRAD_NORM_FLOOR) / gs
     moved = d + step.reshape(b) * g

@@ -87,7 +87,7 @@ void adv_step_kernel(const at::Tensor& delta, const at::Tensor& grad, const at::
       for (const auto r : c10::irange(3)) s[r] += partial[b * blocks.per_sample + j][r];
     }
     const acc gg = s[0], dg = s[1], dd = s[2], gs = static_cast<acc>(grad_scale), rad = static_cast<acc>(radius);
-    const bool skip_b = !std::isfinite(gg);
+    const bool skip_b = !std::isfinite(gg) || !(std::isfinite(gs) && gs > 0);
     const acc gn = std::sqrt(gg) / gs;
     const acc step = static_cast<acc>(lr) / std::max(gn, acc(1e-8)) / gs;
     const acc n = std::sqrt(std::max(dd + 2 * step * dg + step * step * gg, acc(0)));
@@ -150,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 grad_scale->sizes(), " on ", grad_scale->device());
     gs = *grad_scale->const_data_ptr<float>();
   }
-  TORCH_CHECK(lr >= 0 && radius >= 0 && gs > 0, "need lr >= 0, radius >= 0 and grad_scale > 0, got lr=", lr,
-              ", radius=", radius, ", grad_scale=", gs);
+  TORCH_CHECK(lr >= 0 && radius >= 0, "adv_step: need lr >= 0 and radius >= 0, got lr=", lr, ", radius=", radius);
 
   const int64_t B = delta.size(0);
   const at::Tensor cn = c_noise ? coef_values(*c_noise, delta.scalar_type()) : at::Tensor();

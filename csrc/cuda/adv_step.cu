@@ -98,8 +98,8 @@ struct StepScalars {
 // grad_norm, delta_norm and skipped of the sample.
 __device__ __forceinline__ StepScalars step_scalars(const AdvStepParams& p, int64_t b, float gg, float dg, float dd,
                                                     bool write) {
-  const bool skip = !finite_f32(gg);
   const float gs = p.grad_scale != nullptr ? *p.grad_scale : 1.f;
+  const bool skip = !finite_f32(gg) || !(gs > 0.f && finite_f32(gs));  // or a loss scale that is not finite > 0
   // IEEE-rounded scalar math, in the order of docs/OPS.md (the build may use --use_fast_math).
   const float grad_norm = __fdiv_rn(__fsqrt_rn(gg), gs);
   const float step = __fdiv_rn(__fdiv_rn(p.lr, fmaxf(grad_norm, 1e-8f)), gs);
