@@ -142,7 +142,7 @@ def _diffusers_forward(self, input_tensor, temb, *args, **kwargs):
     scale = shift = None
     if self.time_embedding_norm == "scale_shift":
         scale, shift = temb.chunk(2, dim=1)
-    elif temb is not None:   # "default": the embedding is added before the norm
+    elif self.time_embedding_norm == "default" and temb is not None:   # added before the norm
         h = h + (temb[:, :, None, None] if embed else temb)
     h = self.conv2(self.dropout(_norm_silu(norm2, h, scale, shift)))
     if self.conv_shortcut is not None:
@@ -329,9 +329,9 @@ def _adm_probe_inputs(m, gen):
 def _is_diffusers_block(m):
     """Laid out as diffusers' ResnetBlock2D (norm1, conv1, time_emb_proj, norm2, dropout, conv2,
     nonlinearity = SiLU, upsample / downsample, conv_shortcut; a 'default' or 'scale_shift' time
-    embedding)."""
+    embedding, or one that the block ignores, as the VAE decoder's 'group')."""
     norms = [getattr(m, key, None) for key in ("norm1", "norm2")]
-    return (getattr(m, "time_embedding_norm", None) in ("default", "scale_shift")
+    return (isinstance(getattr(m, "time_embedding_norm", None), str)
             and all(isinstance(n, nn.Module) and _is_plain_norm(n) for n in norms)
             and _is_silu(getattr(m, "nonlinearity", None)) and all(hasattr(m, key) for key in (
                 "conv1", "conv2", "dropout", "time_emb_proj", "skip_time_act", "upsample", "downsample",

@@ -394,6 +394,22 @@ def test_patched_diffusers_unet_gives_the_same_outputs_and_gradients(time_embedd
                                       out_tol=(1e-10, 1e-10), grad_tol=(1e-9, 1e-9))
 
 
+def test_patched_diffusers_autoencoder_gives_the_same_outputs_and_gradients():
+    """AutoencoderKL: its decoder builds its up blocks' ResnetBlock2Ds with time_embedding_norm
+    'group', which they ignore without a time embedding: every block of both halves is fused."""
+    diffusers = pytest.importorskip("diffusers")
+    model = randomized(diffusers.AutoencoderKL(
+        block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2), seed=1).double()
+    patched = copy.deepcopy(model)
+    resnets = [name for name, m in model.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert any(model.get_submodule(name).time_embedding_norm == "group" for name in resnets)
+    assert {f"{name}.forward" for name in resnets} <= {r.name for r in patch_model(patched)}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_same_outputs_and_gradients(model(x, sample_posterior=False).sample, patched(x, sample_posterior=False).sample,
+                                      model, patched, out_tol=(1e-10, 1e-10), grad_tol=(1e-9, 1e-9))
+
+
 def test_diffusers_blocks_that_compute_something_else_or_carry_hooks_keep_their_forward():
     resnet = pytest.importorskip("diffusers.models.resnet")
 
