@@ -232,6 +232,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.noise = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.step = 0
+        self.window = []   # (loss, skipped) of each batch since the last metrics row, on the device
         self.tb = None
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
                                                                else [self.device.index])
@@ -270,6 +271,7 @@ class Trainer:
                 "model": self.model.state_dict(), "ema": {str(r): e for r, e in self.emas.items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "timestep_sampler": self.timesteps.state_dict(), "batches": self.batches.state_dict(),
+                "window": [(float(loss), int(skipped)) for loss, skipped in self.window],
                 "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
@@ -305,6 +307,8 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.step = state["step"]
+        # the batches of the metrics row in progress: a resumed run writes the rows it would have
+        self.window = [(torch.tensor(loss, device=self.device), skipped) for loss, skipped in state.get("window", [])]
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
         return True
 
@@ -554,7 +558,7 @@ class Trainer:
             self._drop_metrics_after(self.step)
         self.tb = self._tensorboard()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=self.rank != 0, desc=self.name, unit="update")
-        window, start, last_save = [], time.perf_counter(), self.step
+        start, last_save = time.perf_counter(), self.step
         def crossed(interval, before):   # did the last batch's updates pass a multiple of interval?
             return interval and self.step // interval != before // interval
 
@@ -562,17 +566,17 @@ class Trainer:
         with _stop_requests() as stop:
             while self.step < cfg.total_steps and not self._agree(stop):
                 before = self.step
-                loss, skipped = self.train_batch()
-                window.append(loss)
+                self.window.append(self.train_batch())
                 updates_in_window += self.step - before
                 bar.update(self.step - before)
                 if crossed(cfg.log_interval, before):   # reading the losses waits for the GPU: only here
                     elapsed = time.perf_counter() - start
-                    mean = torch.stack(window).mean().item()
+                    mean = torch.stack([loss for loss, _ in self.window]).mean().item()
                     bar.set_postfix(loss=f"{mean:.4f}")
-                    self._write_metrics({"step": self.step, "loss": mean, "skipped": int(skipped),
+                    self._write_metrics({"step": self.step, "loss": mean,
+                                         "skipped": int(sum(skipped for _, skipped in self.window)),
                                          "updates_per_s": updates_in_window / elapsed, "time": time.time()})
-                    window, start, updates_in_window = [], time.perf_counter(), 0
+                    self.window, start, updates_in_window = [], time.perf_counter(), 0
                 if crossed(cfg.sample_interval, before):
                     self.sample_grid()
                 if self.step - last_save >= cfg.save_interval:

@@ -300,27 +300,31 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, direction):
 
 
 def test_ctrl_c_finishes_the_batch_saves_and_the_rerun_continues_the_same_trajectory(tmp_path, monkeypatch):
+    """Also the metrics: the row in progress at the stop covers the batches before it as well."""
     import signal
     before = signal.getsignal(signal.SIGINT)   # Python's default handler, or SIG_IGN in a background job
-    settings = dict(total_steps=12, mode="free_at", save_interval=1000, log_interval=3)
+    settings = dict(total_steps=12, mode="free_at", save_interval=1000, log_interval=6)
     straight = Trainer(config(tmp_path / "a", **settings))
     straight.train()
     interrupted = Trainer(config(tmp_path / "b", **settings))
     train_batch = interrupted.train_batch
 
-    def batch_then_signal():   # Ctrl-C in the middle of the second batch's replays
+    def batch_then_signal():   # Ctrl-C during the first batch's replays, between two metrics rows
         result = train_batch()
-        if interrupted.step == 6:
+        if interrupted.step == 3:
             signal.raise_signal(signal.SIGINT)
         return result
     monkeypatch.setattr(interrupted, "train_batch", batch_then_signal)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     resumed = Trainer(config(tmp_path / "b", **settings))
-    assert resumed.step == 6
+    assert resumed.step == 3
     resumed.train()
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+    rows = [[{k: r[k] for k in ("step", "loss", "skipped")} for r in map(json.loads, path.read_text().splitlines())]
+            for path in (tmp_path / "a" / "run" / "metrics.jsonl", tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows[0]] == [6, 12] and rows[1] == rows[0]
     assert signal.getsignal(signal.SIGINT) is before   # the trainer's handler is gone
 
 
