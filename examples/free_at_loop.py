@@ -12,7 +12,8 @@ trains adv-dpm's toy MLP on 8 Gaussians in 2-D, fine-tunes it with free AT and p
 samples of its EMA; any epsilon predictor, schedule and data go through ``free_at_batch`` alike. With a
 GradScaler, x_in.grad carries the loss scale: pass it as ``grad_scale`` to ``adv_step_inject``
 (``scaler.get_scale()``, or the scale as a float32 tensor on the device, which the kernels read
-without the host waiting for the GPU).
+without the host waiting for the GPU: one taken before ``scaler.update()``, which changes it in
+place).
 """
 import argparse
 import math
