@@ -178,6 +178,18 @@ def reproduce(args):
     print(f"report: {result['report']}")
 
 
+def _respelled(argv, parser):
+    """``argv`` with each long option of ``parser`` spelled as it is declared, whichever of '-' and
+    '_' separates its words: train's flags are guided-diffusion's (--run_dir), the other
+    commands' hyphenated (--num-samples); either spelling works everywhere."""
+    declared = {o.replace("_", "-"): o for action in parser._actions for o in action.option_strings}
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(declared.get(name.replace("_", "-"), name) + eq + value if name.startswith("--") else arg)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="adv-dpm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +276,9 @@ def main(argv=None):
     p.set_defaults(run=reproduce)
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in sub.choices), None)
+    if command is not None:
+        argv = _respelled(argv, sub.choices[command])
     args = parser.parse_args(argv)
     args.argv = argv
     try:

@@ -529,7 +529,7 @@ def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text('data = "toy:rings"\nmodel = "toy2d"\nbatch_size = 16\ndiffusion_steps = 50\n'
                    'total_steps = 3\nlog_interval = 1\n')
-    main(["train", "--config", str(cfg), "--mode", "standard", "--run_dir", str(tmp_path / "cli"),
+    main(["train", "--config", str(cfg), "--mode", "standard", "--run-dir", str(tmp_path / "cli"),   # either spelling
           "--model_overrides", '{"hidden": 16, "depth": 1}'])
     assert "run directory" in capsys.readouterr().out
     saved = (tmp_path / "cli" / "config.json").read_text()
@@ -537,6 +537,17 @@ def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):
     cfg.write_text('data = "toy:rings"\nlearning_rate = 0.1\n')
     with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['learning_rate'\]"):
         main(["train", "--config", str(cfg)])
+
+
+def test_cli_long_options_take_either_word_separator():
+    import argparse
+    from adv_dpm.cli import _respelled
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-samples")
+    parser.add_argument("--run_dir")
+    parser.add_argument("-q", action="store_true")
+    argv = ["--num_samples=3", "--run-dir", "a_b-c", "-q", "--no_such-flag", "--"]
+    assert _respelled(argv, parser) == ["--num-samples=3", "--run_dir", "a_b-c", "-q", "--no_such-flag", "--"]
 
 
 def test_cli_errors_are_one_line_messages(tmp_path):
