@@ -30,7 +30,7 @@ from .adversarial import AdversarialConfig, Perturbation
 from .diffusion import METHODS, Schedule, create_timestep_sampler, diffusion_loss, q_sample
 from .diffusion.losses import split_output
 from .diffusion.schedule import on_device
-from .models import build_model
+from .models import PRESETS, build_model
 from .utils import atomic_save, atomic_write, read_checkpoint, resolve_device, save_image_grid, to_device, to_host
 
 MODES = ("standard", "ip", "free_at", "pgd_at")
@@ -98,11 +98,17 @@ class TrainConfig:
     device: str = "auto"                 # 'auto' (CUDA when there is a GPU) | 'cpu' | 'cuda' | 'cuda:N'
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):   # a config file's values arrive as written
+            value = getattr(self, f.name)
+            if not isinstance(value, f.type) or isinstance(value, bool) != (f.type is bool):
+                if not (f.type is float and isinstance(value, int) and not isinstance(value, bool)):
+                    raise TypeError(f"{f.name} must be {f.type.__name__}, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        for name in ("batch_size", "total_steps", "diffusion_steps", "log_interval", "save_interval"):
+        for name in ("batch_size", "total_steps", "diffusion_steps", "log_interval", "save_interval", "num_samples",
+                     "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_method not in METHODS:
@@ -257,6 +263,11 @@ class Trainer:
 
     def _shape_overrides(self):
         x = self.data.x
+        arch = PRESETS.get(self.cfg.model, {}).get("arch")
+        if arch is not None and (arch == "mlp") != (x.dim() == 2):
+            fitting = sorted(name for name, p in PRESETS.items() if (p["arch"] == "mlp") == (x.dim() == 2))
+            raise ValueError(f"model {self.cfg.model!r} does not take data {self.cfg.data!r} "
+                             f"({'2-D points' if x.dim() == 2 else 'images'}): use a model preset of {fitting}")
         if x.dim() == 2:
             return {**self.cfg.model_overrides}
         return {"image_size": x.shape[-1], "in_channels": x.shape[1], **self.cfg.model_overrides}
@@ -290,6 +301,12 @@ class Trainer:
             raise ValueError(f"{self.checkpoint_path} holds another model (it differs in {differ}); "
                              f"resume with the run's settings ({self.run_dir / 'config.json'}) or use another run_dir")
         saved, now = _as_json(state["config"]), _as_json(dataclasses.asdict(self.cfg))
+        fixed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in ("objective", "mode", "ema_rate", "target_ema")
+                 if saved.get(k) != now[k]]
+        if fixed:
+            raise ValueError(f"{self.checkpoint_path} holds a run of other settings ({'; '.join(fixed)}): resume it "
+                             f"with its own ({self.run_dir / 'config.json'}), or train in another run_dir "
+                             f"(--init_from {self.checkpoint_path} starts from its weights)")
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
                    if k not in ("run_dir", "device", "total_steps") and saved.get(k) != v]
         if changed:

@@ -354,11 +354,38 @@ def test_resuming_a_run_dir_of_another_model_is_refused(tmp_path, capsys):
         Trainer(config(tmp_path, model_overrides={"hidden": 16, "depth": 2}))
     Trainer(config(tmp_path, total_steps=2, mode="standard", lr=2e-4))
     assert "settings changed from the checkpoint's: lr 0.0001 -> 0.0002" in capsys.readouterr().out
+    # what the run is (its mode, objective, EMAs) is not changed by resuming it: that would relabel its model
+    for change, shown in [(dict(mode="pgd_at"), "mode 'standard' -> 'pgd_at'"),
+                          (dict(mode="standard", ema_rate="0.99"), "ema_rate '0.9999' -> '0.99'"),
+                          (dict(mode="standard", objective="ct"), "objective 'diffusion' -> 'ct'")]:
+        with pytest.raises(ValueError, match=rf"holds a run of other settings \({shown}\).*--init_from"):
+            Trainer(config(tmp_path, total_steps=2, **change))
     # tuples in the settings come back from config.json as lists: still the same run
     images = dict(data="digits", model="digits-tiny", batch_size=4, total_steps=1, mode="standard")
     Trainer(config(tmp_path / "unet", **images, model_overrides={"channel_mult": (1, 2)})).train()
     assert Trainer(config(tmp_path / "unet", **images, model_overrides={"channel_mult": [1, 2]})).step == 1
     assert "settings changed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(total_steps="abc"), TypeError, r"total_steps must be int, got 'abc'"),
+    (dict(total_steps=5.7), TypeError, r"total_steps must be int, got 5.7"),
+    (dict(channels_last=1), TypeError, r"channels_last must be bool, got 1"),
+    (dict(batch_size=True), TypeError, r"batch_size must be int, got True"),
+    (dict(num_samples=0), ValueError, r"num_samples must be >= 1, got 0"),
+    (dict(sample_steps=0), ValueError, r"sample_steps must be >= 1, got 0"),
+])
+def test_settings_are_checked_before_anything_runs(tmp_path, change, error, match):
+    with pytest.raises(error, match=match):
+        config(tmp_path, **change)
+    assert config(tmp_path, lr=1).lr == 1   # an int where a float is expected is a number all the same
+
+
+@pytest.mark.parametrize("data, model, fitting", [("toy:rings", "digits-tiny", "toy2d"), ("digits", "toy2d", "digits-tiny")])
+def test_a_model_preset_for_other_data_is_refused(tmp_path, data, model, fitting):
+    with pytest.raises(ValueError, match=rf"model '{model}' does not take data '{data}' .*'{fitting}'"):
+        Trainer(config(tmp_path, data=data, model=model, model_overrides={}))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fine_tuning_loads_weights_with_a_fresh_optimizer(tmp_path):
