@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .evaluate import PRIMARY, data_kind, markdown_table, metric_columns, plot_vs_nfe, write_csv
+from .evaluate import PRIMARY, data_kind, markdown_table, metric_columns, plot_vs_nfe, read_json, write_csv
 from .reproduce import paired, verdict
 from .utils import atomic_write
 
@@ -26,7 +26,7 @@ def load_set(pattern):
         raise ValueError(f"compare: no results.json (written by adv-dpm evaluate) under {str(pattern)!r}")
     seeds, where = {}, {}
     for f in files:
-        stored = json.loads(f.read_text())
+        stored = read_json(f)
         if not isinstance(stored, dict) or "rows" not in stored or "settings" not in stored:
             raise ValueError(f"compare: {f} is not a results.json of adv-dpm evaluate")
         seed = stored["settings"]["seed"]

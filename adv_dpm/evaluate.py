@@ -46,6 +46,14 @@ def write_json(path, obj):
     return atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
+def read_json(path):
+    """The JSON of ``path``; a file that does not parse (cut off, edited) is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def write_csv(path, rows, columns):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .evaluate import (CM_NFES, CM_SAMPLERS, PAPER_NFES, PRIMARY, SAMPLERS, data_kind, evaluate, fmt,
-                       markdown_table, metric_columns, plot_vs_nfe, write_csv, write_json)
+                       markdown_table, metric_columns, plot_vs_nfe, read_json, write_csv, write_json)
 from .train import TrainConfig, train
 from .utils import atomic_write, cpu_name
 
@@ -215,6 +215,14 @@ def _train_config(settings, run_dir, seed, **overrides):
     return TrainConfig(**{**COMMON, **fields, "run_dir": str(run_dir), "seed": seed, **overrides})
 
 
+def _cached(path):
+    """A job's record ``path``, or None where there is none or it does not parse (the job runs again)."""
+    try:
+        return read_json(path) if Path(path).exists() else None
+    except ValueError:
+        return None
+
+
 def _train_job(config, log):
     """Train ``config`` unless its run directory says it is done; returns (seconds, ran)."""
     run_dir = Path(config.run_dir)
@@ -224,12 +232,13 @@ def _train_job(config, log):
         # a setting added to TrainConfig after the run was written, at its default, is not a change
         before = {**as_json(TrainConfig()), **json.loads((run_dir / "config.json").read_text())}
         wanted = as_json(config)
-        changed = sorted(k for k in wanted if before[k] != wanted[k])
+        # the paths are the out folder's own: they differ only when it was moved
+        changed = sorted(k for k in wanted if k not in ("run_dir", "init_from", "teacher") and before[k] != wanted[k])
         if changed:
             raise ValueError(f"out: {run_dir} holds a run with other settings ({', '.join(changed)}); "
                              f"use another --out folder")
-    if done.exists():
-        return json.loads(done.read_text())["seconds"], False
+    if (finished := _cached(done)) is not None:
+        return finished["seconds"], False
     log(f"train {run_dir} ({config.mode}, {config.total_steps} updates)")
     start = time.perf_counter()
     train(config)
@@ -241,8 +250,7 @@ def _train_job(config, log):
 def _eval_job(checkpoint, out_dir, settings, p, seed, log):
     """Evaluate unless ``out_dir`` holds results of the same grid; returns (rows, seconds, ran)."""
     path = Path(out_dir) / "results.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
+    if (stored := _cached(path)) is not None:
         s = stored["settings"]
         # results from before robustness_samplers existed scored every sampler under a budget
         robust = s.get("robustness_samplers", s["samplers"] if s.get("robustness_budget") is not None else [])
@@ -322,8 +330,8 @@ def _feature_net(spec, out, progress):
     """Train (or load from its cache, $ADV_DPM_CACHE or ~/.cache/adv_dpm) the feature network of an
     image data set; its held-out accuracy and what it cost."""
     path = out / "features" / f"{spec.replace(':', '_')}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if (info := _cached(path)) is not None:
+        return info
     start = time.perf_counter()
     _, accuracy = metrics.feature_extractor(spec, progress=progress)
     info = {"data": spec, "accuracy": accuracy, "seconds": time.perf_counter() - start}

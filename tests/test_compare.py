@@ -81,5 +81,9 @@ def test_sets_that_cannot_pair_are_refused_with_the_reason(tmp_path):
     (tmp_path / "e" / "results.json").write_text("[]")   # JSON, but not an evaluation
     with pytest.raises(ValueError, match="not a results.json of adv-dpm evaluate"):
         cmp.compare(str(tmp_path / "e"), [str(tmp_path / "b")])
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text('{"rows": [')   # cut off
+    with pytest.raises(ValueError, match=r"f/results.json is not valid JSON \(Expecting"):
+        cmp.compare(str(tmp_path / "f"), [str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="adv-dpm compare: error: .*no seed in common"):
         main(["compare", str(tmp_path / "b"), str(tmp_path / "c")])

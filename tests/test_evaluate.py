@@ -182,8 +182,9 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     second = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
     assert second["trained"] == [] and second["evaluated"] == [] and len(second["skipped"]) == 22
     assert checkpoint.stat().st_mtime_ns == stamp
-    # an evaluation lost (as if killed before it wrote its result) is redone, nothing else
-    (out / "digits" / "seed0" / "ip" / "eval" / "results.json").unlink()
+    # an evaluation lost or cut off (as if killed, or copied in part) is redone, nothing else
+    cut = out / "digits" / "seed0" / "ip" / "eval" / "results.json"
+    cut.write_text(cut.read_text()[:100])
     third = reproduce("smoke", out=out, nfes=[5, 8], progress=False)
     assert third["trained"] == [] and third["evaluated"] == [str(out / "digits" / "seed0" / "ip" / "eval")]
     def scores(table):
@@ -200,6 +201,10 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     assert {c["sampler"] for c in perturbed} == {"ddim"}
     assert {c["baseline"] for c in perturbed} == {"standard", "DDPM-IP", "PGD AT", "replays only"}
     assert (out / "plots" / "toy_swd_adversarial.png").is_file()
+    # a moved (or copied) folder resumes where it was: its runs' paths are not settings
+    moved = out.rename(tmp_path / "moved")
+    fifth = reproduce("smoke", out=moved, nfes=[5, 8], progress=False, robustness=0.05)
+    assert fifth["trained"] == [] and fifth["evaluated"] == []
 
 
 
