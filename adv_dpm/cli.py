@@ -88,16 +88,19 @@ def load_config(path):
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"adv-dpm: config file {path} does not exist")
-    if path.suffix == ".json":
-        settings = json.loads(path.read_text())
-    elif path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise SystemExit("adv-dpm: YAML configs need PyYAML (pip install pyyaml); TOML works without it") from None
-        settings = yaml.safe_load(path.read_text()) or {}
-    else:
-        settings = tomllib.loads(path.read_text())
+    try:
+        if path.suffix == ".json":
+            settings = json.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise SystemExit("adv-dpm: YAML configs need PyYAML (pip install pyyaml); TOML works without it") from None
+            settings = yaml.safe_load(path.read_text()) or {}
+        else:
+            settings = tomllib.loads(path.read_text())
+    except ValueError as e:   # json's and tomllib's decoding errors
+        raise SystemExit(f"adv-dpm: config file {path} does not parse: {e}") from None
     if not isinstance(settings, dict):
         raise SystemExit(f"adv-dpm: config file {path} must hold a table of settings, got {type(settings).__name__}")
     return settings
@@ -237,7 +240,8 @@ def main(argv=None):
     p.add_argument("--es-lambda", type=float, default=ES_LAMBDA, help="epsilon scaling of 'ddpm-es'")
     p.add_argument("--exposure", action="store_true", help="add the exposure-bias ratio (mean over steps)")
     p.add_argument("--robustness", type=float, default=None, metavar="BUDGET",
-                   help="add the primary metric under random and adversarial input perturbation of this L2 budget")
+                   help="add the primary metric under random and adversarial input perturbations of this RMS "
+                   "per element (an L2 norm of BUDGET * sqrt(d))")
     p.add_argument("--robustness-samplers", type=_name_list, default=None, metavar="SAMPLERS",
                    help="comma-separated samplers whose cells --robustness scores (default: all)")
     p.add_argument("--inception", default=None, metavar="PATH", help="local TorchScript FID Inception: adds 'fid'")

@@ -348,6 +348,11 @@ def test_sample_rejects_bad_arguments(cosine):
         sample(fn, cosine, (1, 3, 4, 4), "euler", 5, learn_sigma=False)
     with pytest.raises(ValueError, match="eta"):
         sample(fn, cosine, (1, 3, 4, 4), "ddpm", 5, eta=0.5, learn_sigma=False)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        sample(fn, cosine, (1, 3, 4, 4), "ddim", 5, eta=-1.0, learn_sigma=False)
+    for es_lambda in (0.0, -1.0):
+        with pytest.raises(ValueError, match="es_lambda must be > 0"):
+            sample(fn, cosine, (1, 3, 4, 4), "ddim", 5, es_lambda=es_lambda, learn_sigma=False)
     with pytest.raises(ValueError, match="channels"):
         sample(fn, cosine, (1, 3, 4, 4), "ddim", 5, learn_sigma=True)
 

@@ -561,6 +561,9 @@ def test_cli_train_with_config_file_and_flag_overrides(tmp_path, capsys):
     assert "run directory" in capsys.readouterr().out
     saved = (tmp_path / "cli" / "config.json").read_text()
     assert '"mode": "standard"' in saved and '"total_steps": 3' in saved
+    cfg.write_text('data = "toy:rings\n')
+    with pytest.raises(SystemExit, match=r"config file .*run.toml does not parse: "):
+        main(["train", "--config", str(cfg)])
     cfg.write_text('data = "toy:rings"\nlearning_rate = 0.1\n')
     with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['learning_rate'\]"):
         main(["train", "--config", str(cfg)])

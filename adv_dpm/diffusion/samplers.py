@@ -99,6 +99,10 @@ def sample(model_fn, schedule, shape, method, steps, *, eta=0.0, es_lambda=1.0, 
     sched = schedule.respaced(method_timesteps(schedule, method, steps))
     if eta != 0 and method != "ddim":
         raise ValueError(f"eta is a parameter of 'ddim' only, got eta={eta} with method={method!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM's variance), got {eta}")
+    if not es_lambda > 0:
+        raise ValueError(f"es_lambda must be > 0 (it divides eps; 1 = off), got {es_lambda}")
     step = _ddim_step(eta) if method == "ddim" else _dpm_solver_pp_2m() if method == "dpm_solver++" else _ddpm_step
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
     trajectory = []
