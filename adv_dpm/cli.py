@@ -156,7 +156,8 @@ def _int_list(text):
 def evaluate(args):
     """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
     from .evaluate import evaluate as run
-    out = args.out or str(Path(args.checkpoint).parent / "eval")
+    given = Path(args.checkpoint)
+    out = args.out or str((given if given.is_dir() else given.parent) / "eval")
     rows = run(args.checkpoint, samplers=args.samplers, nfes=args.nfes, num_samples=args.num_samples, seed=args.seed,
                out_dir=out, es_lambda=args.es_lambda, exposure=args.exposure, robustness_budget=args.robustness,
                robustness_samplers=args.robustness_samplers, inception=args.inception,
@@ -212,7 +213,7 @@ def main(argv=None):
 
     p = sub.add_parser("sample", help=sample.__doc__, description=sample.__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.pt of a training run")
+    p.add_argument("checkpoint", help="checkpoint.pt of a training run (or its run directory)")
     p.add_argument("--method", default="ddim", choices=METHODS,
                    help="diffusion sampler (a consistency model is sampled by multistep consistency sampling)")
     p.add_argument("--steps", type=int, default=20,
@@ -228,7 +229,8 @@ def main(argv=None):
 
     from .evaluate import CM_NFES, CM_SAMPLERS, ES_LAMBDA, PAPER_NFES, SAMPLERS
     p = sub.add_parser("evaluate", help=evaluate.__doc__, description=evaluate.__doc__)
-    p.add_argument("checkpoint", help="checkpoint.pt of a training run (its EMA weights are evaluated)")
+    p.add_argument("checkpoint", help="checkpoint.pt of a training run, or its run directory (its EMA weights are "
+                   "evaluated)")
     p.add_argument("--samplers", type=_name_list, default=None,
                    help=f"comma-separated, some of {','.join(SAMPLERS)} (default: all); "
                    f"for a consistency model {','.join(CM_SAMPLERS)}")

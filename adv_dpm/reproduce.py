@@ -237,7 +237,7 @@ def _train_job(config, log):
         if changed:
             raise ValueError(f"out: {run_dir} holds a run with other settings ({', '.join(changed)}); "
                              f"use another --out folder")
-    if (finished := _cached(done)) is not None:
+    if (finished := _cached(done)) is not None and (run_dir / "checkpoint.pt").exists():
         return finished["seconds"], False
     log(f"train {run_dir} ({config.mode}, {config.total_steps} updates)")
     start = time.perf_counter()

@@ -43,6 +43,8 @@ CHECKPOINT_KEYS = {"config", "model_config", "model", "ema", "step"}
 def read_checkpoint(path, device="cpu"):
     """The state dict of a trainer checkpoint, or an error that says what is wrong with the file."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():   # a run directory
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file {path}")
     try:

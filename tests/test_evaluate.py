@@ -12,6 +12,7 @@ from adv_dpm import cli
 from adv_dpm.evaluate import SAMPLERS, evaluate, load_checkpoint
 from adv_dpm.reproduce import mean_ci, paired, reproduce, verdict
 from adv_dpm.train import TrainConfig, train
+from adv_dpm.utils import read_checkpoint
 
 TOY = dict(data="toy:gmm", model="toy2d", model_overrides={"hidden": 32, "depth": 2}, batch_size=16,
            diffusion_steps=100, log_interval=5, save_interval=1000, total_steps=20, ema_rate="0.9")
@@ -101,6 +102,8 @@ def test_evaluate_bad_input_names_the_argument(toy_checkpoint, tmp_path):
         evaluate(toy_checkpoint, nfes=[5], num_samples=0, progress=False)
     with pytest.raises(SystemExit, match="checkpoint"):
         cli.main(["evaluate", str(tmp_path / "missing.pt")])
+    # a run directory stands for its checkpoint
+    assert read_checkpoint(toy_checkpoint.parent)["step"] == read_checkpoint(toy_checkpoint)["step"] > 0
     with pytest.raises(SystemExit, match="nfes"):
         cli.main(["evaluate", str(toy_checkpoint), "--nfes", "0"])
     # both comma-separated lists reach evaluate, which checks one against the other
@@ -143,6 +146,7 @@ def test_reproduce_reuses_a_finished_run_written_before_a_setting_existed_and_re
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     (tmp_path / "run" / "done.json").write_text(json.dumps({"seconds": 1.5, "step": 5}))
+    (tmp_path / "run" / "checkpoint.pt").touch()
     assert _train_job(config, print) == (1.5, False)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(adv_cm_target, lr\)"):
         _train_job(dataclasses.replace(config, lr=0.5, adv_cm_target="consistent"), print)
@@ -205,6 +209,10 @@ def test_reproduce_smoke_end_to_end_and_resume(tmp_path, feature_cache):
     moved = out.rename(tmp_path / "moved")
     fifth = reproduce("smoke", out=moved, nfes=[5, 8], progress=False, robustness=0.05)
     assert fifth["trained"] == [] and fifth["evaluated"] == []
+    # a finished run whose checkpoint was lost trains again (to the same weights: its evaluation stands)
+    (moved / "toy" / "seed0" / "free_at" / "checkpoint.pt").unlink()
+    sixth = reproduce("smoke", out=moved, nfes=[5, 8], progress=False, robustness=0.05)
+    assert sixth["trained"] == [str(moved / "toy" / "seed0" / "free_at")] and sixth["evaluated"] == []
 
 
 
