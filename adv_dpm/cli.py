@@ -156,8 +156,8 @@ def _int_list(text):
 def evaluate(args):
     """Score a checkpoint's EMA model over samplers x NFE: table (CSV, markdown, JSON) and plots."""
     from .evaluate import evaluate as run
-    given = Path(args.checkpoint)
-    out = args.out or str((given if given.is_dir() else given.parent) / "eval")
+    from .utils import checkpoint_file
+    out = args.out or str(checkpoint_file(args.checkpoint).parent / "eval")
     rows = run(args.checkpoint, samplers=args.samplers, nfes=args.nfes, num_samples=args.num_samples, seed=args.seed,
                out_dir=out, es_lambda=args.es_lambda, exposure=args.exposure, robustness_budget=args.robustness,
                robustness_samplers=args.robustness_samplers, inception=args.inception,

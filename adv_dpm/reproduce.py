@@ -230,7 +230,7 @@ def _train_job(config, log):
     if (run_dir / "config.json").exists():
         as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))   # noqa: E731 (tuples become lists)
         # a setting added to TrainConfig after the run was written, at its default, is not a change
-        before = {**as_json(TrainConfig()), **json.loads((run_dir / "config.json").read_text())}
+        before = {**as_json(TrainConfig()), **read_json(run_dir / "config.json")}
         wanted = as_json(config)
         # the paths are the out folder's own: they differ only when it was moved
         changed = sorted(k for k in wanted if k not in ("run_dir", "init_from", "teacher") and before[k] != wanted[k])

@@ -100,9 +100,9 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):   # a config file's values arrive as written
             value = getattr(self, f.name)
-            if not isinstance(value, f.type) or isinstance(value, bool) != (f.type is bool):
-                if not (f.type is float and isinstance(value, int) and not isinstance(value, bool)):
-                    raise TypeError(f"{f.name} must be {f.type.__name__}, got {value!r}")
+            integral = f.type is float and isinstance(value, int)   # an int where a float goes is a number too
+            if isinstance(value, bool) != (f.type is bool) or not (isinstance(value, f.type) or integral):
+                raise TypeError(f"{f.name} must be {f.type.__name__}, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.precision not in PRECISIONS:
@@ -219,6 +219,8 @@ class Trainer:
         self.batches = datasets.BatchIterator(self.data, config.batch_size // self.world, config.seed, self.rank,
                                               self.world)
         self.teacher = self._load_teacher() if config.objective == "cd" else None
+        if self.teacher is None:
+            self._check_preset_takes_data()
         self.model = (build_model(self.teacher.model.config, **config.model_overrides) if self.teacher is not None else
                       build_model(config.model, **self._shape_overrides())).to(self.device)
         if config.channels_last:
@@ -261,13 +263,16 @@ class Trainer:
         """What is trained how, e.g. 'free_at' or 'cd free_at'."""
         return cm.run_label(self.cfg.objective, self.cfg.mode)
 
+    def _check_preset_takes_data(self):
+        points = self.data.x.dim() == 2   # 2-D points take the MLP, images the UNet
+        arch = PRESETS.get(self.cfg.model, {}).get("arch")
+        if arch is not None and (arch == "mlp") != points:
+            fitting = sorted(name for name, p in PRESETS.items() if (p["arch"] == "mlp") == points)
+            raise ValueError(f"model {self.cfg.model!r} does not take data {self.cfg.data!r} "
+                             f"({'2-D points' if points else 'images'}): use a model preset of {fitting}")
+
     def _shape_overrides(self):
         x = self.data.x
-        arch = PRESETS.get(self.cfg.model, {}).get("arch")
-        if arch is not None and (arch == "mlp") != (x.dim() == 2):
-            fitting = sorted(name for name, p in PRESETS.items() if (p["arch"] == "mlp") == (x.dim() == 2))
-            raise ValueError(f"model {self.cfg.model!r} does not take data {self.cfg.data!r} "
-                             f"({'2-D points' if x.dim() == 2 else 'images'}): use a model preset of {fitting}")
         if x.dim() == 2:
             return {**self.cfg.model_overrides}
         return {"image_size": x.shape[-1], "in_channels": x.shape[1], **self.cfg.model_overrides}

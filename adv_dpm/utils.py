@@ -40,11 +40,15 @@ def atomic_open(path):
 CHECKPOINT_KEYS = {"config", "model_config", "model", "ema", "step"}
 
 
+def checkpoint_file(path):
+    """The checkpoint that ``path`` names: the file itself, or a run directory's checkpoint.pt."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() and (path / "checkpoint.pt").is_file() else path
+
+
 def read_checkpoint(path, device="cpu"):
     """The state dict of a trainer checkpoint, or an error that says what is wrong with the file."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoint.pt").is_file():   # a run directory
-        path = path / "checkpoint.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file {path}")
     try:
